@@ -1,0 +1,21 @@
+"""The project's own error types: each names the file, option or value that is wrong."""
+
+
+class GuidedFlowError(Exception):
+    """Base class of every error the project raises on purpose."""
+
+
+class ConfigError(GuidedFlowError, ValueError):
+    """An option has a value outside its allowed range."""
+
+
+class DataError(GuidedFlowError):
+    """A dataset file is missing, unreadable or malformed (the message names file and line)."""
+
+
+class CacheError(DataError):
+    """An HDF5 cache is truncated, foreign or out of date."""
+
+
+class WeightsError(GuidedFlowError):
+    """Backbone weights cannot be loaded (the message names the alternatives)."""

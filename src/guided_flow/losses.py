@@ -1,0 +1,99 @@
+"""The weakly supervised losses of METHOD.md section 10 (their forms are proposed formulations;
+their roles and weights are the authors').
+
+Masks are optional foreground masks on the feature grid, ``B x 1 x h x w`` bool; a loss whose
+selection is empty is zero (and still part of the graph).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from guided_flow.geometry import warp_by_flow
+from guided_flow.matching import confident_mask, source_cells_with_match
+
+
+def _masked_mean(values: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``selection`` (broadcastable bool) holds; 0 when it is empty."""
+    selection = selection.expand_as(values)
+    count = selection.sum()
+    return torch.where(selection, values, torch.zeros_like(values)).sum() / count.clamp_min(1)
+
+
+def initial_confident_set(
+    confidence: torch.Tensor,
+    rho: float,
+    source_mask: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """S* = {(i, j): Q(i, j) > rho}, restricted to foreground cells i and j when masks are given.
+    ``confidence``: ``B x (h*w) x h x w``; returns a bool volume of the same shape."""
+    selected = confident_mask(confidence, rho)
+    if source_mask is not None:
+        selected = selected & source_mask
+    if target_mask is not None:
+        selected = selected & target_mask.flatten(1)[:, :, None, None]
+    return selected
+
+
+def silhouette_loss(
+    confidence: torch.Tensor, refined_confidence: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
+    """L_sil = mean over S* of (Q'(i, j) - Q(i, j))^2: keeps Q' close to Q on S*; Q is the target
+    (detached), so only the pruning network is pulled."""
+    return _masked_mean((refined_confidence - confidence.detach()) ** 2, selected)
+
+
+def geometric_loss(
+    source_features: torch.Tensor,
+    target_features: torch.Tensor,
+    guidance: torch.Tensor,
+    selected: torch.Tensor,
+) -> torch.Tensor:
+    """L_geo = mean over cells i with a match in S* of ||F^s_i - [G' o F^t]_i||^2, with
+    [G' o F^t]_i = F^t bilinearly sampled at p_i + G'_i. Features ``B x D x h x w``,
+    ``guidance`` ``B x 2 x h x w`` cells, ``selected`` = S* (:func:`initial_confident_set`)."""
+    warped = warp_by_flow(target_features, guidance)
+    residual = ((source_features - warped) ** 2).sum(dim=1, keepdim=True)
+    return _masked_mean(residual, source_cells_with_match(selected))
+
+
+def matching_loss(
+    source_features: torch.Tensor,
+    target_features: torch.Tensor,
+    flow: torch.Tensor,
+    window: int = 5,
+    temperature: float = 1.0,
+    source_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L_M = mean_i -log softmax over m in M_i of <F^s_i, [tau o F^t]_m> / temperature, at m = i.
+
+    ``[tau o F^t]`` is F^t warped onto the source grid by tau (``B x 2 x h x w`` cells); the window
+    M_i (``window x window``) is centred at i, its centre is the positive, the rest negatives.
+    Window positions outside the grid are left out of the softmax.
+    """
+    b, d, h, w = source_features.shape
+    n = window * window
+    warped = warp_by_flow(target_features, flow)
+    neighbours = F.unfold(warped, window, padding=window // 2).view(b, d, n, h * w)
+    scores = torch.einsum("bdk,bdnk->bnk", source_features.reshape(b, d, h * w), neighbours)
+    inside = F.unfold(warped.new_ones(1, 1, h, w), window, padding=window // 2).view(1, n, h * w)
+    scores = (scores / temperature).masked_fill(inside == 0, float("-inf"))
+    nll = -torch.log_softmax(scores, dim=1)[:, n // 2].view(b, 1, h, w)
+    if source_mask is None:
+        return nll.mean()
+    return _masked_mean(nll, source_mask)
+
+
+def smoothness_loss(flow: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L_sm = mean first-order L1 difference of tau over 4-neighbours:
+    (mean_x ||tau(x+1, y) - tau(x, y)||_1 + mean_y ||tau(x, y+1) - tau(x, y)||_1) / 2, where
+    ||.||_1 sums the two flow components. With a mask only pairs of foreground cells count."""
+    dx = (flow[..., :, 1:] - flow[..., :, :-1]).abs().sum(dim=1, keepdim=True)
+    dy = (flow[..., 1:, :] - flow[..., :-1, :]).abs().sum(dim=1, keepdim=True)
+    if source_mask is None:
+        return (dx.mean() + dy.mean()) / 2
+    keep_x = source_mask[..., :, 1:] & source_mask[..., :, :-1]
+    keep_y = source_mask[..., 1:, :] & source_mask[..., :-1, :]
+    return (_masked_mean(dx, keep_x) + _masked_mean(dy, keep_y)) / 2

@@ -1,0 +1,151 @@
+"""GuidedSemanticFlow: a pair of images -> a dense semantic flow (METHOD.md sections 1-8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from guided_flow import matching
+from guided_flow.backbone import FeatureExtractor
+from guided_flow.errors import ConfigError
+from guided_flow.geometry import flow_cells_to_pixels
+from guided_flow.networks import MatchingNet, PruningNet
+
+GUIDANCE_MODELS = ("translation", "affine")
+
+
+@dataclass(frozen=True)
+class FlowOutput:
+    """Everything one forward pass computes; flows are ``flow_s2t`` in cells of the
+    ``h x w`` feature grid, volumes are ``B x (h*w) x h x w``."""
+
+    flow: torch.Tensor  # tau, B x 2 x h x w
+    guidance: torch.Tensor  # G', B x 2 x h x w
+    sparse_guidance: torch.Tensor  # G, B x 2 x h x w (zero where guidance_weight == 0)
+    guidance_weight: torch.Tensor  # v, B x 1 x h x w
+    correlation: torch.Tensor  # C
+    confidence: torch.Tensor  # Q
+    refined_confidence: torch.Tensor  # Q'
+    source_features: torch.Tensor  # F^s, B x D x h x w
+    target_features: torch.Tensor  # F^t, B x D x h x w
+    rho: float
+
+    @property
+    def confident_density(self) -> torch.Tensor:
+        """``B``: fraction of source cells with a match in the confident set Q' > rho."""
+        return (self.guidance_weight > 0).flatten(1).float().mean(dim=1)
+
+    @property
+    def initial_density(self) -> torch.Tensor:
+        """``B``: fraction of source cells with some Q > rho (METHOD.md section 3 calibration)."""
+        has_match = matching.source_cells_with_match(
+            matching.confident_mask(self.confidence, self.rho)
+        )
+        return has_match.flatten(1).float().mean(dim=1)
+
+    def flow_pixels(self, size: tuple[int, int]) -> torch.Tensor:
+        """tau resized to an input of ``size = (H, W)`` pixels: ``B x 2 x H x W`` pixels."""
+        return flow_cells_to_pixels(self.flow, size)
+
+    def guidance_pixels(self, size: tuple[int, int]) -> torch.Tensor:
+        """G' resized to ``size = (H, W)``: ``B x 2 x H x W`` pixels."""
+        return flow_cells_to_pixels(self.guidance, size)
+
+
+def check_hyper_parameters(
+    rho: float, c_p: float, c_m: float, window_n: int, guidance_model: str
+) -> None:
+    """Raise ConfigError naming the option and its allowed values."""
+    if not 0.0 < rho < 1.0:
+        raise ConfigError(f"rho={rho} is invalid: it must lie in the open interval (0, 1)")
+    for name, value in (("c_p", c_p), ("c_m", c_m)):
+        if not value > 0:
+            raise ConfigError(f"{name}={value} is invalid: it must be a positive variance")
+    if window_n < 1 or window_n % 2 == 0:
+        raise ConfigError(f"window_n={window_n} is invalid: it must be a positive odd integer")
+    if guidance_model not in GUIDANCE_MODELS:
+        raise ConfigError(
+            f"guidance_model={guidance_model!r} is invalid: choose one of {GUIDANCE_MODELS}"
+        )
+
+
+class GuidedSemanticFlow(nn.Module):
+    """Features -> C -> Q -> Q' (pruning net) -> G -> G' -> C' -> tau = G' + M(C').
+
+    ``grid`` is the feature grid (h, w); the networks' first and last layers have h*w channels,
+    so the input size must be ``grid * backbone.stride``. ``backbone=None`` builds a model that
+    only accepts features (:meth:`forward_features`), for tests and custom extractors.
+    """
+
+    def __init__(
+        self,
+        backbone: FeatureExtractor | None,
+        grid: tuple[int, int] = (20, 20),
+        rho: float = 0.9,
+        c_p: float = 5.0,
+        c_m: float = 5.0,
+        window_n: int = 5,
+        guidance_model: str = "translation",
+    ) -> None:
+        super().__init__()
+        check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model)
+        self.backbone = backbone
+        self.grid = tuple(grid)
+        self.rho, self.c_p, self.c_m = rho, c_p, c_m
+        self.window_n, self.guidance_model = window_n, guidance_model
+        cells = self.grid[0] * self.grid[1]
+        self.pruning_net = PruningNet(cells)
+        self.matching_net = MatchingNet(cells)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) in pixels that gives the model's grid."""
+        stride = self.backbone.stride if self.backbone is not None else 16
+        return self.grid[0] * stride, self.grid[1] * stride
+
+    def forward(self, source_image: torch.Tensor, target_image: torch.Tensor) -> FlowOutput:
+        """``B x 3 x H x W`` normalised images (H, W = :attr:`input_size`) -> FlowOutput."""
+        if self.backbone is None:
+            raise ConfigError("this model was built without a backbone: call forward_features")
+        if tuple(source_image.shape[-2:]) != self.input_size:
+            raise ConfigError(
+                f"input size {tuple(source_image.shape[-2:])} does not match the model's "
+                f"{self.input_size} (grid {self.grid} x stride {self.backbone.stride})"
+            )
+        # One backbone pass over both images keeps BatchNorm statistics and kernels shared.
+        features = self.backbone(torch.cat((source_image, target_image), dim=0))
+        source_features, target_features = features.chunk(2, dim=0)
+        return self.forward_features(source_features, target_features)
+
+    def forward_features(
+        self, source_features: torch.Tensor, target_features: torch.Tensor
+    ) -> FlowOutput:
+        """L2-normalised features ``B x D x h x w`` of both images -> FlowOutput."""
+        if tuple(source_features.shape[-2:]) != self.grid:
+            raise ConfigError(
+                f"feature grid {tuple(source_features.shape[-2:])} does not match the model's "
+                f"grid {self.grid}"
+            )
+        volume = matching.correlation(source_features, target_features)
+        confidence = matching.soft_mutual_confidence(volume)
+        refined = confidence * self.pruning_net(confidence)
+        sparse, weight = matching.sparse_guidance(refined, self.rho)
+        guidance = matching.interpolate_guidance(
+            sparse, weight, self.c_p, self.window_n, self.guidance_model
+        )
+        guided_volume = matching.guided_correlation(volume, guidance, self.c_m)
+        flow = guidance + self.matching_net(guided_volume)
+        return FlowOutput(
+            flow=flow,
+            guidance=guidance,
+            sparse_guidance=sparse,
+            guidance_weight=weight,
+            correlation=volume,
+            confidence=confidence,
+            refined_confidence=refined,
+            source_features=source_features,
+            target_features=target_features,
+            rho=self.rho,
+        )

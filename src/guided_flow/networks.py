@@ -1,0 +1,97 @@
+"""The pruning and matching encoder-decoders (METHOD.md section 9, supplementary Table 1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3) -> nn.Sequential:
+    """Convolution ('same' padding), BatchNorm, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def upconv_bn_relu(channels: int) -> nn.Sequential:
+    """3x3 transposed convolution doubling the resolution, BatchNorm, ReLU."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(
+            channels, channels, 3, stride=2, padding=1, output_padding=1, bias=False
+        ),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder-decoder with three skip concatenations, exactly the layers of Table 1.
+
+    ``B x in_channels x h x w`` -> ``B x out_channels x h x w``. Pooling is max pooling with
+    ceil mode (20 -> 10 -> 5 -> 3) and each up-sampled map is resized to its skip's size
+    (proposed formulation where the table is silent). The last layer (conv8, 5x5) has no
+    BatchNorm or ReLU; it is initialised to output ``final_bias`` everywhere (zero weights).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, final_bias: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(conv_bn_relu(in_channels, 64, 5), conv_bn_relu(64, 64))
+        self.conv2 = nn.Sequential(conv_bn_relu(64, 128), conv_bn_relu(128, 128))
+        self.conv3 = nn.Sequential(conv_bn_relu(128, 256), conv_bn_relu(256, 256))
+        self.conv4 = nn.Sequential(conv_bn_relu(256, 512), conv_bn_relu(512, 512))
+        self.upconv5 = upconv_bn_relu(512)
+        self.conv5 = nn.Sequential(conv_bn_relu(768, 256), conv_bn_relu(256, 256))
+        self.upconv6 = upconv_bn_relu(256)
+        self.conv6 = nn.Sequential(conv_bn_relu(384, 128), conv_bn_relu(128, 128))
+        self.upconv7 = upconv_bn_relu(128)
+        self.conv7 = nn.Sequential(conv_bn_relu(192, 64), conv_bn_relu(64, 64))
+        self.conv8 = nn.Conv2d(64, out_channels, 5, padding=2)
+        nn.init.zeros_(self.conv8.weight)
+        nn.init.constant_(self.conv8.bias, final_bias)
+
+    @staticmethod
+    def _pool(x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, 2, stride=2, ceil_mode=True)
+
+    @staticmethod
+    def _up_and_join(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != skip.shape[-2:]:
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat((x, skip), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip_a = self.conv1(x)
+        skip_b = self.conv2(self._pool(skip_a))
+        skip_c = self.conv3(self._pool(skip_b))
+        bottom = self.conv4(self._pool(skip_c))
+        x = self.conv5(self._up_and_join(self.upconv5(bottom), skip_c))
+        x = self.conv6(self._up_and_join(self.upconv6(x), skip_b))
+        x = self.conv7(self._up_and_join(self.upconv7(x), skip_a))
+        return self.conv8(x)
+
+
+class PruningNet(nn.Module):
+    """W_P: refines the confidence, ``B x (h*w) x h x w`` -> a sigmoid mask of the same shape,
+    initialised to sigmoid(10) = 0.99995 everywhere."""
+
+    def __init__(self, grid_cells: int) -> None:
+        super().__init__()
+        self.body = EncoderDecoder(grid_cells, grid_cells, final_bias=10.0)
+
+    def forward(self, confidence: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.body(confidence))
+
+
+class MatchingNet(nn.Module):
+    """W_M: reads the guided correlation ``B x (h*w) x h x w`` and returns a residual flow
+    ``B x 2 x h x w`` (cells), exactly zero at initialisation."""
+
+    def __init__(self, grid_cells: int) -> None:
+        super().__init__()
+        self.body = EncoderDecoder(grid_cells, 2, final_bias=0.0)
+
+    def forward(self, guided_volume: torch.Tensor) -> torch.Tensor:
+        return self.body(guided_volume)

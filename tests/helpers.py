@@ -1,0 +1,26 @@
+"""Discriminative feature maps built in the tests: distinct random unit vectors per cell."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_unit_features(batch: int, dim: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """``B x D x h x w`` feature map whose cells are independent random unit vectors."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, dim, h, w, generator=generator)
+    return features / features.norm(dim=1, keepdim=True)
+
+
+def shifted_pair(
+    batch: int, dim: int, h: int, w: int, shift: tuple[int, int], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source features and a target whose content is the source moved by ``shift = (sx, sy)``
+    whole cells: F^t(p + shift) = F^s(p); target cells not covered get fresh random vectors."""
+    sx, sy = shift
+    source = random_unit_features(batch, dim, h, w, seed)
+    target = random_unit_features(batch, dim, h, w, seed + 1)
+    target[:, :, max(sy, 0) : h + min(sy, 0), max(sx, 0) : w + min(sx, 0)] = source[
+        :, :, max(-sy, 0) : h - max(sy, 0), max(-sx, 0) : w - max(sx, 0)
+    ]
+    return source, target
