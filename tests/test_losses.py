@@ -107,3 +107,18 @@ def test_empty_selection_gives_zero_loss_with_a_graph():
     nothing = torch.zeros_like(out.confidence, dtype=torch.bool)
     loss = losses.silhouette_loss(out.confidence, out.refined_confidence, nothing)
     assert loss == 0 and loss.requires_grad
+
+
+def test_confidence_weighted_geometric_loss_hand_computed():
+    source, target = shifted_pair(1, 16, 4, 4, (0, 0), seed=6)
+    target = target.clone()
+    target[..., 0, 0] = -source[..., 0, 0]  # cell (0, 0) has residual ||2 f||^2 = 4
+    selected = torch.zeros(1, 16, 4, 4, dtype=torch.bool)
+    selected[0, 0, 0, 0] = selected[0, 5, 1, 1] = True
+    refined = torch.zeros(1, 16, 4, 4)
+    refined[0, 0, 0, 0], refined[0, 5, 1, 1] = 0.25, 0.75
+    zero = torch.zeros(1, 2, 4, 4)
+    weighted = losses.geometric_loss(source, target, zero, selected, refined)
+    assert torch.isclose(weighted, torch.tensor(0.25 * 4.0 / 1.0), atol=1e-5)
+    uniform = losses.geometric_loss(source, target, zero, selected)
+    assert torch.isclose(uniform, torch.tensor(4.0 / 2), atol=1e-5)

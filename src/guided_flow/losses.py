@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from guided_flow.geometry import warp_by_flow
-from guided_flow.matching import confident_mask, source_cells_with_match
+from guided_flow.matching import EPS, confident_mask, source_cells_with_match
 
 
 def _masked_mean(values: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
@@ -50,13 +50,25 @@ def geometric_loss(
     target_features: torch.Tensor,
     guidance: torch.Tensor,
     selected: torch.Tensor,
+    refined_confidence: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L_geo = mean over cells i with a match in S* of ||F^s_i - [G' o F^t]_i||^2, with
-    [G' o F^t]_i = F^t bilinearly sampled at p_i + G'_i. Features ``B x D x h x w``,
-    ``guidance`` ``B x 2 x h x w`` cells, ``selected`` = S* (:func:`initial_confident_set`)."""
+    """L_geo: the residual r_i = ||F^s_i - [G' o F^t]_i||^2 over the cells i with a match in S*,
+    where [G' o F^t]_i is F^t bilinearly sampled at p_i + G'_i.
+
+    Without ``refined_confidence`` it is the plain mean of r_i (METHOD.md's form). With it (the
+    proposed formulation the stages use by default) each cell is weighted by its refined
+    confidence on S*, w_i = sum_j [(i, j) in S*] Q'(i, j): sum_i w_i r_i / sum_i w_i. The plain
+    mean reaches W_P only through the interpolation weights of G', which barely move; the weighted
+    mean lets the pruning network lower the confidence of geometrically inconsistent matches,
+    the role the authors give this loss. Features ``B x D x h x w``, ``guidance``
+    ``B x 2 x h x w`` cells, ``selected`` = S* (:func:`initial_confident_set`), volumes
+    ``B x (h*w) x h x w``."""
     warped = warp_by_flow(target_features, guidance)
     residual = ((source_features - warped) ** 2).sum(dim=1, keepdim=True)
-    return _masked_mean(residual, source_cells_with_match(selected))
+    if refined_confidence is None:
+        return _masked_mean(residual, source_cells_with_match(selected))
+    weights = (refined_confidence * selected).sum(dim=1, keepdim=True)
+    return (weights * residual).sum() / weights.sum().clamp_min(EPS)
 
 
 def matching_loss(
