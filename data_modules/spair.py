@@ -1,0 +1,386 @@
+"""SPair-71k (Min et al. 2019) as a test benchmark.
+
+Layout under ``root`` (the unpacked ``SPair-71k`` folder)::
+
+    Layout/large/{trn,val,test}.txt         one pair name per line
+    PairAnnotation/<split>/<name>.json      keypoints, boxes, sizes, difficulty flags
+    JPEGImages/<category>/<image>.jpg
+    Segmentation/<category>/<image>.png     optional; non-zero pixels are foreground
+
+Every annotation of the split is validated in :meth:`SPairDataModule.prepare_data` and
+:meth:`SPairDataModule.setup` (a missing key, a keypoint count mismatch or a missing image raises
+:class:`~guided_flow.errors.DataError` naming the file). The split's images (and masks when the
+``Segmentation`` folder exists) are resized once into an HDF5 cache (:mod:`data_modules.cache`);
+the pair annotations are read from the JSON files, whose fingerprint the cache carries.
+
+Batches follow the project's schema (DESIGN.md); ``meta`` holds the original-pixel annotations
+that :mod:`guided_flow.evaluation` scores against:
+
+- ``pair_name``, ``source_file``, ``target_file``: str (files relative to ``JPEGImages``);
+- ``category_id``: int64, the index in :data:`CATEGORIES`;
+- ``source_size``, ``target_size``: ``2`` int64, (H, W) of the original images;
+- ``source_kps``, ``target_kps``: ``K x 2`` float32 (x, y) original pixels, zero-padded to the
+  split's largest keypoint count (``kps_valid`` marks the real ones, annotation order kept);
+- ``source_bbox``, ``target_bbox``: ``4`` float32 (x1, y1, x2, y2) original pixels;
+- ``difficulty``: ``4`` int64, the flags of :data:`DIFFICULTY_NAMES`;
+- ``pck_bound``: float32, the benchmark's bound L = max(w, h) of the target box, original pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
+from guided_flow.errors import ConfigError, DataError
+from guided_flow.evaluation import rescale_points, resize_scale
+from guided_flow.imaging import load_image, normalise, resize_image
+
+CATEGORIES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
+)  # fmt: skip
+DIFFICULTY_NAMES = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+SPLITS = ("trn", "val", "test")
+REQUIRED_KEYS = (
+    "src_imname", "trg_imname", "src_imsize", "trg_imsize", "src_bndbox", "trg_bndbox",
+    "category", "src_kps", "trg_kps", *DIFFICULTY_NAMES,
+)  # fmt: skip
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SPairSplit:
+    """The validated annotations of one split (``N`` pairs, ``I`` distinct images, ``K`` the
+    largest keypoint count).
+
+    ``images``: ``I`` paths relative to ``JPEGImages`` (``<category>/<file>``) with their
+    ``image_sizes`` (``I x 2`` (H, W)) and the annotation that first names each
+    (``image_sources``); per pair: ``names``, ``category_ids`` (``N``), ``image_ids``
+    (``N x 2``, source and target rows of ``images``), ``kps`` (``N x 2 x K x 2`` float32,
+    source then target, zero-padded), ``kps_count`` (``N``), ``boxes`` (``N x 2 x 4`` float32),
+    ``difficulty`` (``N x 4`` int64)."""
+
+    names: list[str]
+    images: list[str]
+    image_sizes: np.ndarray
+    image_sources: list[Path]
+    category_ids: np.ndarray
+    image_ids: np.ndarray
+    kps: np.ndarray
+    kps_count: np.ndarray
+    boxes: np.ndarray
+    difficulty: np.ndarray
+
+
+def _number_array(path: Path, record: Mapping, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """``record[key]`` as a float64 array of ``shape`` (``-1`` matches any length)."""
+    try:
+        array = np.asarray(record[key], dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{path}: '{key}' is not numeric ({error})") from error
+    if array.ndim != len(shape) or any(
+        s not in (-1, a) for s, a in zip(shape, array.shape, strict=True)
+    ):
+        raise DataError(f"{path}: '{key}' has shape {array.shape}, expected {shape}")
+    if not np.isfinite(array).all():
+        raise DataError(f"{path}: '{key}' has non-finite values")
+    return array
+
+
+def _image_size(path: Path, record: Mapping, key: str) -> tuple[int, int]:
+    """``record[key]`` (SPair's ``[W, H, C]``) as (H, W)."""
+    size = _number_array(path, record, key, (-1,))
+    if size.size < 2 or (size[:2] < 1).any() or (size[:2] != size[:2].round()).any():
+        raise DataError(f"{path}: '{key}' must start with a positive integer width and height")
+    return int(size[1]), int(size[0])
+
+
+def read_split(root: Path, split: str, with_masks: bool) -> SPairSplit:
+    """Read and validate every annotation of ``split``: keys, shapes, matching keypoint counts,
+    known categories and the presence of every image (and mask when ``with_masks``). Raises
+    :class:`DataError` naming the offending file."""
+    layout = root / "Layout" / "large" / f"{split}.txt"
+    if not layout.is_file():
+        raise DataError(
+            f"{root}: SPair-71k not found ({layout} is missing). Download it with "
+            f"`guided-flow download spair --root {root}`"
+        )
+    names = [
+        line.strip() for line in layout.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    if not names:
+        raise DataError(f"{layout}: lists no pairs")
+    image_rows: dict[str, int] = {}
+    images: list[str] = []
+    sizes: list[tuple[int, int]] = []
+    sources: list[Path] = []
+    pairs = []
+    for name in names:
+        path = root / "PairAnnotation" / split / f"{name}.json"
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path}: cannot read the annotation ({error})") from error
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: not a JSON object")
+        missing = [key for key in REQUIRED_KEYS if key not in record]
+        if missing:
+            raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
+        category = record["category"]
+        if category not in CATEGORIES:
+            raise DataError(f"{path}: unknown category {category!r}")
+        kps = [_number_array(path, record, key, (-1, 2)) for key in ("src_kps", "trg_kps")]
+        if len(kps[0]) != len(kps[1]):
+            raise DataError(
+                f"{path}: keypoint count mismatch: src_kps has {len(kps[0])}, "
+                f"trg_kps has {len(kps[1])}"
+            )
+        if len(kps[0]) == 0:
+            raise DataError(f"{path}: no keypoints")
+        boxes = [_number_array(path, record, key, (4,)) for key in ("src_bndbox", "trg_bndbox")]
+        flags = [_number_array(path, record, key, ()) for key in DIFFICULTY_NAMES]
+        ids = []
+        for side in ("src", "trg"):
+            relative = f"{category}/{record[f'{side}_imname']}"
+            size = _image_size(path, record, f"{side}_imsize")
+            if relative not in image_rows:
+                image_path = root / "JPEGImages" / relative
+                if not image_path.is_file():
+                    raise DataError(f"{path}: image {image_path} does not exist")
+                mask_path = _mask_path(root, relative)
+                if with_masks and not mask_path.is_file():
+                    raise DataError(
+                        f"{path}: mask {mask_path} does not exist (pass masks=False to ignore "
+                        "the Segmentation folder)"
+                    )
+                image_rows[relative] = len(images)
+                images.append(relative)
+                sizes.append(size)
+                sources.append(path)
+            elif sizes[image_rows[relative]] != size:
+                raise DataError(
+                    f"{path}: {side}_imsize {size[::-1]} disagrees with "
+                    f"{sources[image_rows[relative]]} for the same image"
+                )
+            ids.append(image_rows[relative])
+        pairs.append((CATEGORIES.index(category), ids, kps, boxes, flags))
+    most = max(len(pair[2][0]) for pair in pairs)
+    kps = np.zeros((len(pairs), 2, most, 2), dtype=np.float32)
+    for row, pair in enumerate(pairs):
+        kps[row, :, : len(pair[2][0])] = pair[2]
+    return SPairSplit(
+        names=names,
+        images=images,
+        image_sizes=np.asarray(sizes, dtype=np.int64),
+        image_sources=sources,
+        category_ids=np.asarray([pair[0] for pair in pairs], dtype=np.int64),
+        image_ids=np.asarray([pair[1] for pair in pairs], dtype=np.int64),
+        kps=kps,
+        kps_count=np.asarray([len(pair[2][0]) for pair in pairs], dtype=np.int64),
+        boxes=np.asarray([pair[3] for pair in pairs], dtype=np.float32),
+        difficulty=np.asarray([pair[4] for pair in pairs], dtype=np.int64),
+    )
+
+
+def _mask_path(root: Path, relative: str) -> Path:
+    """The ``Segmentation`` mask of the image ``<category>/<file>.jpg``."""
+    return (root / "Segmentation" / relative).with_suffix(".png")
+
+
+class SPairDataset(Dataset):
+    """The pairs of one split, read from the image cache; items follow the batch schema."""
+
+    def __init__(self, annotations: SPairSplit, cache: ImageCache) -> None:
+        self.annotations = annotations
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.annotations.names)
+
+    def _image(self, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cached image ``3 x H x W`` (normalised) and mask ``1 x H x W`` float in {0, 1}
+        (``None`` without masks) of image ``row``."""
+        item = self.cache[row]
+        image = torch.from_numpy(item["image"]).permute(2, 0, 1).float() / 255.0
+        mask = item.get("mask")
+        return normalise(image), None if mask is None else torch.from_numpy(mask > 0)[None].float()
+
+    def __getitem__(self, index: int) -> dict:
+        a = self.annotations
+        source_row, target_row = a.image_ids[index]
+        source, source_mask = self._image(source_row)
+        target, target_mask = self._image(target_row)
+        sizes = torch.from_numpy(a.image_sizes[[source_row, target_row]])  # 2 x (H, W)
+        kps = torch.from_numpy(a.kps[index])  # 2 x K x 2 original pixels
+        scale = resize_scale(sizes, tuple(source.shape[-2:])).unsqueeze(1)  # 2 x 1 x (x, y)
+        valid = torch.arange(kps.shape[1]) < int(a.kps_count[index])
+        kps_input = (rescale_points(kps.double(), scale) * valid.unsqueeze(-1)).float()
+        boxes = torch.from_numpy(a.boxes[index])
+        item = {
+            "source_image": source,
+            "target_image": target,
+            "source_kps": kps_input[0],
+            "target_kps": kps_input[1],
+            "kps_valid": valid,
+            "category": CATEGORIES[a.category_ids[index]],
+            "index": index,
+            "meta": {
+                "pair_name": a.names[index],
+                "source_file": a.images[source_row],
+                "target_file": a.images[target_row],
+                "category_id": int(a.category_ids[index]),
+                "source_size": sizes[0],
+                "target_size": sizes[1],
+                "source_kps": kps[0],
+                "target_kps": kps[1],
+                "source_bbox": boxes[0],
+                "target_bbox": boxes[1],
+                "difficulty": torch.from_numpy(a.difficulty[index]),
+                "pck_bound": (boxes[1, 2:] - boxes[1, :2]).max(),
+            },
+        }
+        if source_mask is not None:
+            item["source_mask"], item["target_mask"] = source_mask, target_mask
+        return item
+
+
+class SPairDataModule(pl.LightningDataModule):
+    """SPair-71k test pairs (see the module docstring for the layout and the batch ``meta``).
+
+    Args:
+        root: the SPair-71k folder.
+        image_size: side of the square network input, pixels.
+        batch_size: pairs per batch.
+        num_workers: DataLoader workers.
+        cache_dir: where the HDF5 image cache goes (default ``<root>/cache``).
+        split: ``trn``, ``val`` or ``test``: the pairs served by the test loader.
+        masks: use ``Segmentation`` masks when that folder exists.
+    """
+
+    categories = CATEGORIES
+    difficulty_names = DIFFICULTY_NAMES
+    pck_bound = "trg_bbox"
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 320,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        split: str = "test",
+        masks: bool = True,
+    ) -> None:
+        super().__init__()
+        if split not in SPLITS:
+            raise ConfigError(f"--data.split {split!r} is not one of: {', '.join(SPLITS)}")
+        if image_size < 16:
+            raise ConfigError(f"--data.image_size must be at least 16 pixels, got {image_size}")
+        self.root = Path(root)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "cache"
+        self.split = split
+        self.masks = masks
+        self.dataset: SPairDataset | None = None
+
+    @property
+    def with_masks(self) -> bool:
+        """Whether masks are read (``masks`` is on and ``Segmentation`` exists)."""
+        return self.masks and (self.root / "Segmentation").is_dir()
+
+    def _annotations(self) -> tuple[SPairSplit, Path, str]:
+        """The validated split, its cache path and the fingerprint the cache must carry."""
+        if not self.root.is_dir():
+            raise DataError(
+                f"{self.root}: the SPair-71k folder does not exist. Download it with "
+                f"`guided-flow download spair --root {self.root}`"
+            )
+        annotations = read_split(self.root, self.split, self.with_masks)
+        files = [f"Layout/large/{self.split}.txt"]
+        files += [f"PairAnnotation/{self.split}/{name}.json" for name in annotations.names]
+        files += [f"JPEGImages/{image}" for image in annotations.images]
+        if self.with_masks:
+            files += [_mask_path(Path(), image).as_posix() for image in annotations.images]
+        key = fingerprint(
+            files,
+            root=self.root,
+            dataset="spair71k",
+            version=CACHE_VERSION,
+            split=self.split,
+            image_size=self.image_size,
+            masks=self.with_masks,
+        )
+        suffix = "-masks" if self.with_masks else ""
+        path = self.cache_dir / f"spair71k-{self.split}-{self.image_size}{suffix}.h5"
+        return annotations, path, key
+
+    def _cache_items(self, annotations: SPairSplit) -> Iterator[CacheItem]:
+        """Decode, check and resize every image (and mask) of the split."""
+        size = (self.image_size, self.image_size)
+        for relative, expected, source in zip(
+            annotations.images, annotations.image_sizes, annotations.image_sources, strict=True
+        ):
+            path = self.root / "JPEGImages" / relative
+            image = load_image(path)
+            if image.shape[:2] != tuple(expected):
+                raise DataError(
+                    f"{path}: the image is {image.shape[1]} x {image.shape[0]} pixels but "
+                    f"{source} says {expected[1]} x {expected[0]}"
+                )
+            mask = None
+            if self.with_masks:
+                mask_path = _mask_path(self.root, relative)
+                foreground = (load_image(mask_path).max(axis=-1) > 0).astype(np.uint8) * 255
+                if foreground.shape != image.shape[:2]:
+                    raise DataError(f"{mask_path}: mask size differs from its image {path}")
+                mask = resize_image(foreground, size, interpolation="nearest")
+            yield CacheItem(
+                name=relative,
+                image=resize_image(image, size),
+                original_size=(image.shape[0], image.shape[1]),
+                mask=mask,
+            )
+
+    def prepare_data(self) -> None:
+        """Validate every annotation, then build the split's image cache if it is absent or
+        stale (atomically) and check it."""
+        annotations, path, key = self._annotations()
+        ensure_cache(path, key, lambda: self._cache_items(annotations))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Validate every annotation and open the cache built by :meth:`prepare_data`."""
+        annotations, path, key = self._annotations()
+        cache = ImageCache(path, key)
+        if cache.names != annotations.images:
+            raise DataError(f"{path}: its images do not match {self.split}'s annotations")
+        self.dataset = SPairDataset(annotations, cache)
+
+    def pair_names(self, stage: str = "test") -> list[str]:
+        """Pair names (``<id>-<source>-<target>:<category>``) indexed by the batches' ``index``
+        for ``stage`` (only ``test``: SPair-71k is a test benchmark here)."""
+        if stage != "test":
+            raise ConfigError(f"SPair-71k serves the test stage only, not {stage!r}")
+        if self.dataset is None:
+            raise RuntimeError("call setup() before pair_names()")
+        return self.dataset.annotations.names
+
+    def test_dataloader(self) -> DataLoader:
+        if self.dataset is None:
+            raise RuntimeError("call setup() before test_dataloader()")
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
