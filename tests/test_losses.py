@@ -6,7 +6,7 @@ import math
 import torch
 
 from guided_flow import losses
-from guided_flow.model import GuidedSemanticFlow
+from guided_flow.model import GuidedFlowModel
 from tests.helpers import random_unit_features, shifted_pair
 
 
@@ -80,7 +80,7 @@ def test_masks_restrict_the_sums():
 
 
 def test_gradients_reach_the_trained_networks_only():
-    model = GuidedSemanticFlow(None, grid=(8, 8)).train()
+    model = GuidedFlowModel(None, grid=(8, 8)).train()
     source, target = shifted_pair(2, 32, 8, 8, (1, 0), seed=3)
     out = model.forward_features(source, target)
     selected = _selected(out)
@@ -100,7 +100,7 @@ def test_gradients_reach_the_trained_networks_only():
 
 def test_empty_selection_gives_zero_loss_with_a_graph():
     out = (
-        GuidedSemanticFlow(None, grid=(4, 4))
+        GuidedFlowModel(None, grid=(4, 4))
         .eval()
         .forward_features(random_unit_features(1, 8, 4, 4, 4), random_unit_features(1, 8, 4, 4, 5))
     )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from guided_flow.errors import ConfigError
-from guided_flow.model import GuidedSemanticFlow
+from guided_flow.model import GuidedFlowModel
 from guided_flow.networks import EncoderDecoder, MatchingNet, PruningNet
 from tests.helpers import random_unit_features, shifted_pair
 
@@ -50,7 +50,7 @@ def test_initialisation_pruning_near_one_and_matching_exactly_zero(grid):
 
 
 def test_identical_features_give_zero_flow_at_initialisation():
-    model = GuidedSemanticFlow(None, grid=(20, 20)).eval()
+    model = GuidedFlowModel(None, grid=(20, 20)).eval()
     features = random_unit_features(2, 64, 20, 20, seed=7)
     out = model.forward_features(features, features)
     assert out.flow.abs().max() < 1e-4
@@ -61,7 +61,7 @@ def test_identical_features_give_zero_flow_at_initialisation():
 
 
 def test_shifted_features_flow_in_pixels():
-    model = GuidedSemanticFlow(None, grid=(20, 20)).eval()
+    model = GuidedFlowModel(None, grid=(20, 20)).eval()
     source, target = shifted_pair(1, 128, 20, 20, (2, -1), seed=8)
     out = model.forward_features(source, target)
     interior = out.flow[0, :, 3:15, 2:14]
@@ -74,7 +74,7 @@ def test_shifted_features_flow_in_pixels():
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("grid", [(20, 20), (40, 40)])
 def test_shapes_and_dtypes(batch, grid):
-    model = GuidedSemanticFlow(None, grid=grid).train()
+    model = GuidedFlowModel(None, grid=grid).train()
     source = random_unit_features(batch, 32, *grid, seed=9)
     target = random_unit_features(batch, 32, *grid, seed=10)
     out = model.forward_features(source, target)
@@ -86,7 +86,7 @@ def test_shapes_and_dtypes(batch, grid):
 
 
 def test_bfloat16_autocast_runs_and_stays_finite():
-    model = GuidedSemanticFlow(None, grid=(20, 20)).eval()
+    model = GuidedFlowModel(None, grid=(20, 20)).eval()
     source, target = shifted_pair(2, 64, 20, 20, (1, 1), seed=11)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.forward_features(source, target)
@@ -109,11 +109,11 @@ def test_bfloat16_autocast_runs_and_stays_finite():
 )
 def test_bad_hyper_parameters_are_refused_with_the_option_named(kwargs, option):
     with pytest.raises(ConfigError, match=option):
-        GuidedSemanticFlow(None, grid=(5, 5), **kwargs)
+        GuidedFlowModel(None, grid=(5, 5), **kwargs)
 
 
 def test_feature_grid_mismatch_is_refused():
-    model = GuidedSemanticFlow(None, grid=(5, 5))
+    model = GuidedFlowModel(None, grid=(5, 5))
     features = random_unit_features(1, 8, 6, 6)
     with pytest.raises(ConfigError, match="grid"):
         model.forward_features(features, features)

@@ -1,4 +1,5 @@
-"""GuidedSemanticFlow: a pair of images -> a dense semantic flow (METHOD.md sections 1-8)."""
+"""GuidedFlowModel: the Guided Semantic Flow network, a pair of images -> a dense semantic flow
+(METHOD.md sections 1-8)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def check_hyper_parameters(
         )
 
 
-class GuidedSemanticFlow(nn.Module):
+class GuidedFlowModel(nn.Module):
     """Features -> C -> Q -> Q' (pruning net) -> G -> G' -> C' -> tau = G' + M(C').
 
     ``grid`` is the feature grid (h, w); the networks' first and last layers have h*w channels,

@@ -1,0 +1,107 @@
+"""``guided-flow``: the Lightning CLI (fit, validate, test, predict) plus the project's own tools.
+
+Configuration errors end the command with a one-line message naming the option, before any
+data or model work, and no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from pytorch_lightning.cli import LightningCLI
+
+from guided_flow.errors import GuidedFlowError
+from guided_flow.evaluation import EVAL_RESOLUTIONS, KPS_SAMPLINGS, PCK_BOUNDS, format_table
+from guided_flow.stages import EvaluationOptions, GuidedFlowStage
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# The project's own commands: name -> module whose ``main(argv) -> int`` runs it.
+TOOL_COMMANDS = {
+    "download": "guided_flow.download",
+    "match": "guided_flow.match",
+    "sweep": "guided_flow.sweep",
+    "export": "guided_flow.export",
+}
+
+
+def _model_input_size(model: GuidedFlowStage) -> int:
+    return model.hparams.input_size
+
+
+class GuidedFlowCLI(LightningCLI):
+    """LightningCLI in omegaconf mode; the data's image size follows the model (and so the
+    checkpoint given by ``--ckpt_path``), evaluation options are top-level flags."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--results_dir",
+            type=str | None,
+            default=None,
+            help="where `test` writes metrics.json and predictions.jsonl (default: the log dir)",
+        )
+        parser.add_argument(
+            "--pck_bound",
+            type=str | None,
+            default=None,
+            choices=[None, *PCK_BOUNDS],
+            help="PCK bound L (default: the benchmark's own protocol)",
+        )
+        parser.add_argument("--eval_resolution", default="original", choices=EVAL_RESOLUTIONS)
+        parser.add_argument("--kps_sampling", default="bilinear", choices=KPS_SAMPLINGS)
+        parser.link_arguments(
+            "model",
+            "data.init_args.image_size",
+            compute_fn=_model_input_size,
+            apply_on="instantiate",
+        )
+
+    def _configure_evaluation(self) -> None:
+        config = self.config[self.subcommand]
+        self.model.evaluation = EvaluationOptions(
+            pck_bound=config.get("pck_bound"),
+            eval_resolution=config.get("eval_resolution", "original"),
+            kps_sampling=config.get("kps_sampling", "bilinear"),
+            results_dir=config.get("results_dir"),
+        )
+
+    def before_validate(self) -> None:
+        self._configure_evaluation()
+
+    def before_test(self) -> None:
+        self._configure_evaluation()
+
+    def after_test(self) -> None:
+        results = self.model.test_results
+        if results and self.trainer.is_global_zero and "per_category" in results:
+            print(format_table(results))
+
+
+def run_lightning(args: list[str] | None = None) -> GuidedFlowCLI:
+    """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+    return GuidedFlowCLI(
+        GuidedFlowStage,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    given = argv is not None
+    argv = list(argv if given else sys.argv[1:])
+    try:
+        if argv and argv[0] in TOOL_COMMANDS:
+            return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
+        run_lightning(argv if given else None)
+    except GuidedFlowError as error:
+        print(f"guided-flow: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The two stages: what each trains, that its loss goes down, options are checked."""
+
+import pytest
+import torch
+from skimage import data as skdata
+
+from guided_flow.errors import ConfigError
+from guided_flow.imaging import normalise, resize_image
+from guided_flow.stages import MatchingStage, PruningStage, load_stage_weights
+from guided_flow.synthetic_warps import sample_warp_params, synthesize_pairs
+
+SIZE = 160
+
+
+def _fixed_batch(batch: int = 2) -> dict:
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()][:batch]
+    images = (
+        torch.stack(
+            [torch.from_numpy(resize_image(p, (SIZE, SIZE))).permute(2, 0, 1) for p in photos]
+        ).float()
+        / 255
+    )
+    pairs = synthesize_pairs(images, sample_warp_params(0, torch.arange(batch)))
+    return {
+        "source_image": normalise(pairs.source),
+        "target_image": normalise(pairs.target),
+        "flow_s2t": pairs.flow_s2t,
+        "flow_valid": pairs.flow_valid,
+        "index": torch.arange(batch),
+    }
+
+
+def _total_loss(stage, batch) -> torch.Tensor:
+    out = stage(batch["source_image"], batch["target_image"])
+    return stage.total_loss(stage.loss_terms(out, batch))
+
+
+@pytest.mark.parametrize("stage_class, lr", [(PruningStage, 1e-2), (MatchingStage, 1e-3)])
+def test_loss_on_a_fixed_batch_drops_within_50_adam_steps(stage_class, lr):
+    torch.manual_seed(0)
+    stage = stage_class(input_size=SIZE, temperature=0.1).train()
+    batch = _fixed_batch()
+    optimiser = torch.optim.Adam([p for p in stage.parameters() if p.requires_grad], lr=lr)
+    first = None
+    for _ in range(50):
+        loss = _total_loss(stage, batch)
+        first = loss.item() if first is None else first
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        last = _total_loss(stage, batch).item()
+    assert last <= 0.9 * first, (first, last)
+
+
+def test_stage_one_trains_the_pruning_net_only():
+    stage = PruningStage(input_size=SIZE)
+    trained = {n for n, p in stage.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("model.pruning_net.") for n in trained)
+    assert stage.hparams.trainable_blocks == 0
+
+
+def test_stage_two_trains_pruning_matching_and_the_last_backbone_block():
+    stage = MatchingStage(input_size=SIZE)
+    trained = {n for n, p in stage.named_parameters() if p.requires_grad}
+    assert any(n.startswith("model.pruning_net.") for n in trained)
+    assert any(n.startswith("model.matching_net.") for n in trained)
+    backbone = {n for n in trained if n.startswith("model.backbone.")}
+    expected = {id(p) for p in stage.model.backbone.trainable_parameters()}
+    assert backbone and {id(p) for n, p in stage.named_parameters() if n in backbone} == expected
+    loss = _total_loss(stage.train(), _fixed_batch(1))
+    loss.backward()
+    grads = [p.grad for p in stage.model.backbone.trainable_parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
+    import pytorch_lightning as pl
+
+    first = PruningStage(input_size=SIZE)
+    with torch.no_grad():
+        first.model.pruning_net.body.conv8.bias.fill_(3.0)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(first)
+    path = tmp_path / "stage1.ckpt"
+    trainer.save_checkpoint(path)
+    second = MatchingStage(input_size=SIZE, init_checkpoint=str(path))
+    second.setup("fit")
+    assert (second.model.pruning_net.body.conv8.bias == 3.0).all()
+    smaller = MatchingStage(input_size=128, init_checkpoint=str(path))
+    with pytest.raises(ConfigError, match="input_size"):
+        load_stage_weights(smaller, str(path))
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"input_size": 100}, "input_size"),
+        ({"window_m": 6}, "window_m"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"rho": 1.5}, "rho"),
+        ({"c_m": 0.0}, "c_m"),
+    ],
+)
+def test_bad_stage_options_name_the_option(kwargs, option):
+    with pytest.raises(ConfigError, match=option):
+        PruningStage(**kwargs)
