@@ -117,3 +117,16 @@ def test_feature_grid_mismatch_is_refused():
     features = random_unit_features(1, 8, 6, 6)
     with pytest.raises(ConfigError, match="grid"):
         model.forward_features(features, features)
+
+
+def test_confident_matches_in_pixels():
+    model = GuidedFlowModel(None, grid=(10, 10)).eval()
+    source, target = shifted_pair(1, 64, 10, 10, (1, 2), seed=12)
+    out = model.forward_features(source, target)
+    src, trg = out.confident_matches(0, (160, 160))
+    # the covered source cells (x < 9, y < 8) are all confident and matched by the shift
+    covered = (src[:, 0] < 9 * 16) & (src[:, 1] < 8 * 16)
+    assert covered.sum() == 9 * 8
+    shift = torch.tensor([16.0, 32.0]).expand(int(covered.sum()), 2)
+    assert torch.allclose(trg[covered] - src[covered], shift, atol=1e-3)
+    assert torch.allclose(src[0], torch.tensor([7.5, 7.5]))  # cell (0, 0) centre

@@ -11,7 +11,7 @@ from torch import nn
 from guided_flow import matching
 from guided_flow.backbone import FeatureExtractor
 from guided_flow.errors import ConfigError
-from guided_flow.geometry import flow_cells_to_pixels
+from guided_flow.geometry import cell_positions, flow_cells_to_pixels
 from guided_flow.networks import MatchingNet, PruningNet
 
 GUIDANCE_MODELS = ("translation", "affine")
@@ -49,6 +49,20 @@ class FlowOutput:
     def flow_pixels(self, size: tuple[int, int]) -> torch.Tensor:
         """tau resized to an input of ``size = (H, W)`` pixels: ``B x 2 x H x W`` pixels."""
         return flow_cells_to_pixels(self.flow, size)
+
+    def confident_matches(
+        self, item: int, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The confident matches of pair ``item``: the source cells with a match in Q' > rho and
+        their sparse-guidance targets p_i + G_i, both ``N x 2`` (x, y) pixels of an input of
+        ``size = (H, W)`` (cell centres at ``(x + 0.5) * stride - 0.5``)."""
+        h, w = self.flow.shape[-2:]
+        cells = cell_positions(h, w, device=self.flow.device, dtype=self.flow.dtype)
+        valid = self.guidance_weight[item, 0].reshape(-1) > 0
+        source = cells[valid]
+        target = source + self.sparse_guidance[item].reshape(2, -1).t()[valid]
+        stride = self.flow.new_tensor([size[1] / w, size[0] / h])
+        return (source + 0.5) * stride - 0.5, (target + 0.5) * stride - 0.5
 
     def guidance_pixels(self, size: tuple[int, int]) -> torch.Tensor:
         """G' resized to ``size = (H, W)``: ``B x 2 x H x W`` pixels."""

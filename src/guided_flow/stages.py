@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 from guided_flow import losses
 from guided_flow.backbone import FeatureExtractor
@@ -28,6 +29,8 @@ from guided_flow.geometry import flow_cells_to_pixels
 from guided_flow.matching import argmax_flow
 from guided_flow.metrics import DenseFlowMetric
 from guided_flow.model import FlowOutput, GuidedFlowModel, check_hyper_parameters
+from guided_flow.visual import pair_panel
+from guided_flow.viz import save_png
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
@@ -70,6 +73,7 @@ class GuidedFlowStage(pl.LightningModule):
 
     stage: int
     default_trainable_blocks: int
+    panels_per_validation = 4
 
     def __init__(
         self,
@@ -205,7 +209,7 @@ class GuidedFlowStage(pl.LightningModule):
             "gsf": out.flow_pixels(size),
         }
 
-    def _evaluate(self, batch: Mapping) -> None:
+    def _evaluate(self, batch: Mapping) -> FlowOutput:
         out = self(batch["source_image"], batch["target_image"])
         size = tuple(batch["source_image"].shape[-2:])
         if "flow_s2t" in batch:
@@ -215,6 +219,7 @@ class GuidedFlowStage(pl.LightningModule):
                 )
         else:
             self._keypoint_evaluator().update(batch, out.flow_pixels(size))
+        return out
 
     def _keypoint_evaluator(self) -> KeypointEvaluator:
         if self.keypoint_evaluator is None:
@@ -249,7 +254,22 @@ class GuidedFlowStage(pl.LightningModule):
             self.keypoint_evaluator.reset()
 
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._evaluate(batch)
+        out = self._evaluate(batch)
+        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._log_panels(batch, out)
+
+    def _log_panels(self, batch: Mapping, out: FlowOutput) -> None:
+        """Send the first pairs' panels to loggers that take images (W&B, TensorBoard)."""
+        count = min(self.panels_per_validation, batch["source_image"].shape[0])
+        panels = [pair_panel(self.model, batch, out, item) for item in range(count)]
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("val/pairs", panels, step=self.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                for item, image in enumerate(panels):
+                    logger.experiment.add_image(
+                        f"val/pair_{item}", image, self.global_step, dataformats="HWC"
+                    )
 
     def on_validation_epoch_end(self) -> None:
         results = self._results()
@@ -261,10 +281,27 @@ class GuidedFlowStage(pl.LightningModule):
         self._reset_metrics()
 
     def test_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._evaluate(batch)
+        out = self._evaluate(batch)
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            self._save_panels(batch, out)
+
+    def _save_panels(self, batch: Mapping, out: FlowOutput) -> None:
+        """Write ``warp.png`` (the first pair) and ``panels/pair_<index>.png`` (the first
+        pairs of the first batch) into the results directory."""
+        results_dir = self._results_dir()
+        count = min(self.panels_per_validation, batch["source_image"].shape[0])
+        for item in range(count):
+            image = pair_panel(self.model, batch, out, item)
+            index = int(batch["index"][item])
+            save_png(os.path.join(results_dir, "panels", f"pair_{index:05d}.png"), image)
+            if item == 0:
+                save_png(os.path.join(results_dir, "warp.png"), image)
+
+    def _results_dir(self) -> str:
+        return self.evaluation.results_dir or self.trainer.log_dir or "."
 
     def on_test_epoch_end(self) -> None:
-        results_dir = self.evaluation.results_dir or self.trainer.log_dir or "."
+        results_dir = self._results_dir()
         if self.keypoint_evaluator is not None and self.keypoint_evaluator.pck.update_count:
             datamodule = self.trainer.datamodule
             self.test_results = self.keypoint_evaluator.write(
