@@ -97,10 +97,25 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in TOOL_COMMANDS:
             return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
         run_lightning(argv if given else None)
-    except GuidedFlowError as error:
-        print(f"guided-flow: error: {error}", file=sys.stderr)
+    except Exception as error:
+        # Class instantiation inside the CLI wraps our errors: find ours in the chain.
+        own = _own_error(error)
+        if own is None:
+            raise
+        print(f"guided-flow: error: {own}", file=sys.stderr)
         return 2
     return 0
+
+
+def _own_error(error: BaseException | None) -> GuidedFlowError | None:
+    """The project's error that caused ``error`` (itself, or its cause or context), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, GuidedFlowError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

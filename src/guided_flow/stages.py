@@ -123,6 +123,14 @@ class GuidedFlowStage(pl.LightningModule):
         self.test_results: dict | None = None
         self._freeze_untrained()
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Name the stage class in the saved hyper-parameters (as the CLI does), so that
+        ``guided-flow test --ckpt_path`` and ``load_from_checkpoint`` rebuild the right stage
+        whoever wrote the checkpoint."""
+        hparams = checkpoint.setdefault("hyper_parameters", {})
+        hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
+        hparams.setdefault("_instantiator", "pytorch_lightning.cli.instantiate_module")
+
     # --- what each stage trains ---------------------------------------------------------------
     def trained_modules(self) -> list[torch.nn.Module]:
         raise NotImplementedError

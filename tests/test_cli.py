@@ -1,0 +1,126 @@
+"""`guided-flow` end to end on the embedded default, through the real entry point."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from guided_flow.cli import main
+from guided_flow.stages import PruningStage
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "--model.input_size=160",
+    "--data.batch_size=2",
+    "--data.val_pairs=2",
+    "--data.test_pairs=2",
+]
+
+
+def _config(name: str) -> str:
+    return os.path.join(REPO, "experiments", name)
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_fit_both_stages_with_fast_dev_run(workdir):
+    cache = f"--data.cache_dir={workdir / 'cache'}"
+    args = ["fit", "--config", _config("demo.yaml"), "--trainer.fast_dev_run=true", cache]
+    assert main(args + SMALL) == 0
+    # fast_dev_run writes no checkpoint: make the stage-1 checkpoint stage 2 starts from
+    stage1 = PruningStage(input_size=160)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(stage1)
+    checkpoint = workdir / "stage1.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    args = ["fit", "--config", _config("demo_stage2.yaml"), "--trainer.fast_dev_run=true", cache]
+    assert main(args + SMALL + [f"--model.init_checkpoint={checkpoint}"]) == 0
+
+
+@pytest.mark.slow
+def test_test_command_takes_the_model_from_the_checkpoint(workdir):
+    stage = PruningStage(input_size=160, rho=0.8, c_p=2.0)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(stage)
+    checkpoint = workdir / "any.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    results = workdir / "results"
+    args = [
+        "test",
+        "--config",
+        _config("demo_stage2.yaml"),  # a stage-2 config at 320 px: the checkpoint wins
+        f"--ckpt_path={checkpoint}",
+        f"--results_dir={results}",
+        f"--data.cache_dir={workdir / 'cache'}",
+        "--data.test_pairs=2",
+        "--data.batch_size=2",
+        "--trainer.logger=false",
+    ]
+    assert main(args) == 0
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert set(metrics) == {"pairs", "identity", "argmax", "guidance", "gsf"}
+    assert metrics["pairs"] == 2
+    for scores in list(metrics.values())[1:]:
+        assert set(scores) == {"pck@0.01", "pck@0.05", "pck@0.1", "epe_px"}
+        assert 0.0 <= scores["pck@0.1"] <= 1.0
+    # a guided flow is better than no flow at all on warped pairs
+    assert metrics["guidance"]["epe_px"] < metrics["identity"]["epe_px"]
+    assert (results / "warp.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("rho", "1.5"),
+        ("c_p", "0"),
+        ("c_m", "-2"),
+        ("temperature", "0"),
+        ("window_n", "4"),
+        ("window_m", "0"),
+        ("input_size", "100"),
+    ],
+)
+def test_bad_option_is_a_one_line_error_before_any_work(workdir, option, value):
+    command = [
+        sys.executable,
+        "-m",
+        "guided_flow.cli",
+        "fit",
+        "--config",
+        _config("demo.yaml"),
+        f"--model.{option}={value}",
+        f"--data.cache_dir={workdir / 'cache'}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert lines and option in lines[-1]
+    assert not (workdir / "cache").exists(), "no data work may start before the check"
+
+
+def test_config_files_parse_and_name_existing_options():
+    from guided_flow.cli import run_lightning
+
+    for name in ("demo.yaml", "demo_stage2.yaml"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_lightning(["fit", "--config", _config(name), "--print_config"])
+        assert exit_info.value.code == 0
+
+
+def test_cli_saves_primitive_hyper_parameters(workdir):
+    stage = PruningStage(input_size=160, c_m=2.0)
+    assert stage.hparams.c_m == 2.0
+    assert all(
+        isinstance(v, (int, float, str, bool, type(None))) for v in stage.hparams.values()
+    ), stage.hparams
+    assert torch.is_tensor(stage.model.pruning_net.body.conv8.bias)
