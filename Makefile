@@ -19,8 +19,15 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+GF := $(VENV)/bin/guided-flow
+DEMO := outputs/demo
+
+# The embedded default end to end: stage 1, stage 2 (from stage 1's best checkpoint), then test.
 demo: install
-	$(PY) -m guided_flow.demo --out outputs/demo
+	rm -f $(DEMO)/stage1.ckpt $(DEMO)/stage2.ckpt
+	$(GF) fit --config experiments/demo.yaml
+	$(GF) fit --config experiments/demo_stage2.yaml
+	$(GF) test --config experiments/demo_stage2.yaml --ckpt_path $(DEMO)/stage2.ckpt --results_dir $(DEMO)
 
 clean:
 	rm -rf outputs lightning_logs wandb .pytest_cache

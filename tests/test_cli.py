@@ -124,3 +124,16 @@ def test_cli_saves_primitive_hyper_parameters(workdir):
         isinstance(v, (int, float, str, bool, type(None))) for v in stage.hparams.values()
     ), stage.hparams
     assert torch.is_tensor(stage.model.pruning_net.body.conv8.bias)
+
+
+def test_stage_two_with_a_mismatched_init_checkpoint_stops_before_data_work(workdir):
+    stage = PruningStage(input_size=160)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(stage)
+    checkpoint = workdir / "stage1_160.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    cache = workdir / "cache"
+    args = ["fit", "--config", _config("demo_stage2.yaml"), f"--data.cache_dir={cache}"]
+    assert main(args + [f"--model.init_checkpoint={checkpoint}"]) == 2
+    assert main(args + [f"--model.init_checkpoint={workdir / 'missing.ckpt'}"]) == 2
+    assert not cache.exists()

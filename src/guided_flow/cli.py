@@ -65,6 +65,11 @@ class GuidedFlowCLI(LightningCLI):
             results_dir=config.get("results_dir"),
         )
 
+    def before_fit(self) -> None:
+        initialise = getattr(self.model, "initialise_from_checkpoint", None)
+        if initialise is not None:
+            initialise()
+
     def before_validate(self) -> None:
         self._configure_evaluation()
 

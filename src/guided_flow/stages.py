@@ -411,8 +411,16 @@ class MatchingStage(GuidedFlowStage):
         return [self.model.pruning_net, self.model.matching_net]
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.init_checkpoint:
-            load_stage_weights(self, self.hparams.init_checkpoint)
+        if stage == "fit":
+            self.initialise_from_checkpoint()
+
+    def initialise_from_checkpoint(self) -> None:
+        """Load ``init_checkpoint`` once (the CLI calls this before any data work, so that a
+        missing file or a grid mismatch stops the run at once)."""
+        path = self.hparams.init_checkpoint
+        if path and getattr(self, "_initialised_from", None) != path:
+            load_stage_weights(self, path)
+            self._initialised_from = path
 
 
 def load_stage_weights(module: GuidedFlowStage, path: str) -> None:
