@@ -137,3 +137,31 @@ def test_stage_two_with_a_mismatched_init_checkpoint_stops_before_data_work(work
     assert main(args + [f"--model.init_checkpoint={checkpoint}"]) == 2
     assert main(args + [f"--model.init_checkpoint={workdir / 'missing.ckpt'}"]) == 2
     assert not cache.exists()
+
+
+@pytest.mark.slow
+def test_predict_writes_one_flow_file_per_pair(workdir):
+    stage = PruningStage(input_size=160)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(stage)
+    checkpoint = workdir / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    out = workdir / "flows"
+    args = [
+        "predict",
+        "--config",
+        _config("demo.yaml"),
+        f"--ckpt_path={checkpoint}",
+        f"--predictions_dir={out}",
+        f"--data.cache_dir={workdir / 'cache'}",
+        "--data.test_pairs=3",
+        "--data.batch_size=2",
+        "--trainer.logger=false",
+    ]
+    assert main(args) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["flow_s2t_000000.npy", "flow_s2t_000001.npy", "flow_s2t_000002.npy"]
+    import numpy as np
+
+    flow = np.load(out / files[0])
+    assert flow.shape == (160, 160, 2) and flow.dtype == np.float32 and np.isfinite(flow).all()

@@ -7,10 +7,12 @@ data or model work, and no traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from pytorch_lightning.cli import LightningCLI
 
+from guided_flow.callbacks import FlowWriter
 from guided_flow.errors import GuidedFlowError
 from guided_flow.evaluation import EVAL_RESOLUTIONS, KPS_SAMPLINGS, PCK_BOUNDS, format_table
 from guided_flow.stages import EvaluationOptions, GuidedFlowStage
@@ -47,6 +49,12 @@ class GuidedFlowCLI(LightningCLI):
             choices=[None, *PCK_BOUNDS],
             help="PCK bound L (default: the benchmark's own protocol)",
         )
+        parser.add_argument(
+            "--predictions_dir",
+            type=str | None,
+            default=None,
+            help="where `predict` writes flow_s2t_<index>.npy (default: <log dir>/predictions)",
+        )
         parser.add_argument("--eval_resolution", default="original", choices=EVAL_RESOLUTIONS)
         parser.add_argument("--kps_sampling", default="bilinear", choices=KPS_SAMPLINGS)
         parser.link_arguments(
@@ -75,6 +83,12 @@ class GuidedFlowCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._configure_evaluation()
+
+    def before_predict(self) -> None:
+        directory = self.config["predict"].get("predictions_dir") or os.path.join(
+            self.trainer.log_dir or ".", "predictions"
+        )
+        self.trainer.callbacks.append(FlowWriter(directory))
 
     def after_test(self) -> None:
         results = self.model.test_results

@@ -323,6 +323,11 @@ class GuidedFlowStage(pl.LightningModule):
                 write_json(os.path.join(results_dir, "metrics.json"), self.test_results)
         self._reset_metrics()
 
+    def predict_step(self, batch: Mapping, batch_idx: int) -> dict[str, torch.Tensor]:
+        """``{"index": B, "flow_s2t": B x 2 x H x W}`` input pixels (see callbacks.FlowWriter)."""
+        out = self(batch["source_image"], batch["target_image"])
+        return {"index": batch["index"], "flow_s2t": out.flow_pixels(self.input_size)}
+
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
