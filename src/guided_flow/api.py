@@ -1,0 +1,309 @@
+"""Match two pictures from Python: :class:`GuidedSemanticFlow` wraps a :class:`GuidedFlowModel`
+for inference on images of any size and aspect ratio.
+
+Each image is resized (anisotropically, bilinear) to the model's square input, the model runs
+once in each direction, and every result is mapped back to the **original pixels** of the
+images (pixel centres at integers, the convention of
+:func:`~guided_flow.evaluation.rescale_points`).
+Flows are ``H x W x 2`` float32 arrays of (dx, dy) displacements in pixels: ``flow_s2t`` lives
+on the source grid and points into the target, ``flow_t2s`` the reverse.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from guided_flow.backbone import _one_line
+from guided_flow.errors import GuidedFlowError
+from guided_flow.evaluation import rescale_points, resize_scale
+from guided_flow.geometry import cell_positions, sample_at, transfer_keypoints
+from guided_flow.imaging import load_image, normalise, resize_image
+from guided_flow.model import GuidedFlowModel
+from guided_flow.stages import MatchingStage
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+"""A file path, a PIL image, an ``H x W (x 3|4)`` array or a ``(3|1) x H x W`` tensor; arrays
+and tensors are uint8 in 0..255 or float in [0, 1]."""
+
+_RANDOM_WEIGHTS_WARNING = "BACKBONE .* HAS RANDOM WEIGHTS"
+
+
+class CheckpointError(GuidedFlowError):
+    """A checkpoint file is missing, unreadable or not a guided-flow checkpoint."""
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """What :meth:`GuidedSemanticFlow.match` returns, everything in original pixels.
+
+    Attributes:
+        flow_s2t: ``H_s x W_s x 2`` float32: for each source pixel, the (dx, dy) in pixels to its
+            match in the target.
+        flow_t2s: ``H_t x W_t x 2`` float32: the same from the target into the source (from
+            running the model on (target, source)); it warps the source onto the target.
+        confidence: ``H_s x W_s`` float32 in [0, 1]: each source pixel's largest refined
+            confidence Q' over the target, bilinearly upsampled from the feature grid.
+        confident_matches: ``(source_points, target_points)``, each ``N x 2`` float32 (x, y)
+            pixels of its own image: every source feature cell with a match in Q' > rho (its
+            centre) and the Q'-weighted mean of its confident target cells (p_i + G_i).
+        keypoints: ``K x 2`` float64 target pixels: the given source keypoints transferred by the
+            flow (``None`` when none were given).
+    """
+
+    flow_s2t: np.ndarray
+    flow_t2s: np.ndarray
+    confidence: np.ndarray
+    confident_matches: tuple[np.ndarray, np.ndarray]
+    keypoints: np.ndarray | None
+
+
+def as_rgb(image: ImageInput) -> np.ndarray:
+    """Any :data:`ImageInput` -> ``H x W x 3`` uint8 RGB. Files are read with
+    :func:`~guided_flow.imaging.load_image` (a missing or unreadable file raises
+    :class:`~guided_flow.errors.DataError` naming it); grey images are repeated over the three
+    channels and alpha is dropped. Raises TypeError / ValueError for other types and shapes."""
+    if isinstance(image, str | os.PathLike):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"an image tensor must be 3 x H x W or 1 x H x W, got {image.shape}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            "an image must be a file path, a PIL image, a numpy array or a torch tensor, "
+            f"not {type(image).__name__}"
+        )
+    array = image[..., None] if image.ndim == 2 else image
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape[:2]:
+        raise ValueError(f"an image array must be H x W, H x W x 1, 3 or 4, got {image.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("a float image must be finite (values in [0, 1])")
+        array = np.rint(np.clip(array, 0.0, 1.0) * 255.0)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"an image array must be uint8 or float in [0, 1], not {array.dtype}")
+    rgb = np.broadcast_to(array[..., :3], (*array.shape[:2], 3))
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def as_points(points: object) -> np.ndarray:
+    """Keypoints given as ``[[x, y], ...]`` (any array-like, ``K x 2`` pixels) -> a float64
+    ``K x 2`` array. Raises ValueError unless they are finite numbers of that shape."""
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError("keypoints must be a list of [x, y] number pairs") from error
+    if array.size == 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"keypoints must be a list of [x, y] pairs, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("keypoints must be finite numbers")
+    return array
+
+
+def flow_to_original_pixels(
+    flow_s2t: torch.Tensor, source_size: tuple[int, int], target_size: tuple[int, int]
+) -> torch.Tensor:
+    """Map a flow on the network's input grid to the original images.
+
+    ``flow_s2t``: ``2 x H x W`` input pixels (source input grid -> target input grid);
+    ``source_size`` / ``target_size``: the original (H, W) of each image, which were resized
+    (each with its own per-axis factors) to ``H x W``. Each original source pixel p goes to the
+    input grid (q = (p + 0.5) s_source - 0.5), takes the flow there (bilinear), and the matched
+    input position returns to the original target with the target's factors; the result is that
+    position minus p. Returns ``H_s x W_s x 2`` pixels, same dtype."""
+    input_size = tuple(flow_s2t.shape[-2:])
+    # Bilinear resizing with align_corners=False samples the input grid exactly at q(p), the
+    # position rescale_points gives, with the same clamping at the border.
+    sampled = F.interpolate(flow_s2t[None], size=source_size, mode="bilinear", align_corners=False)
+    sampled = sampled[0].permute(1, 2, 0)
+    sizes = torch.tensor([source_size, target_size], device=flow_s2t.device)
+    source_scale, target_scale = resize_scale(sizes, input_size).to(flow_s2t.dtype)
+    positions = cell_positions(*source_size, device=flow_s2t.device, dtype=flow_s2t.dtype)
+    positions = positions.view(*source_size, 2)
+    matched = rescale_points(rescale_points(positions, source_scale) + sampled, 1.0 / target_scale)
+    return matched - positions
+
+
+def warp_source(source: np.ndarray, flow_t2s: np.ndarray) -> np.ndarray:
+    """The source warped onto the target: ``source`` (``H_s x W_s x 3`` uint8) bilinearly sampled
+    at ``q + flow_t2s(q)`` for every target pixel q (``flow_t2s``: ``H_t x W_t x 2`` pixels).
+    Samples outside the source are black. Returns ``H_t x W_t x 3`` uint8."""
+    height, width = flow_t2s.shape[:2]
+    flow = torch.from_numpy(np.ascontiguousarray(flow_t2s, dtype=np.float32))
+    points = cell_positions(height, width).view(height, width, 2) + flow
+    pixels = torch.from_numpy(source).permute(2, 0, 1)[None].float()
+    warped = sample_at(pixels, points.view(1, -1, 2))[0].view(height, width, 3)
+    return warped.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _build_model(hparams: dict) -> GuidedFlowModel:
+    """The model of a :class:`MatchingStage` built from its hyper-parameters (only those the
+    stage accepts; ``init_checkpoint`` is dropped, it matters for training only)."""
+    accepted = set(inspect.signature(MatchingStage.__init__).parameters) - {"self"}
+    options = {k: v for k, v in hparams.items() if k in accepted and k != "init_checkpoint"}
+    return MatchingStage(**options).model
+
+
+class GuidedSemanticFlow:
+    """Dense semantic flow between two pictures of any size.
+
+    ``GuidedSemanticFlow()`` is the untrained method on the embedded ImageNet EfficientNet-Lite0
+    backbone (see :meth:`untrained`); :meth:`from_checkpoint` loads trained networks. A model
+    given directly is used as it is. The model is kept in eval mode on ``device``.
+    """
+
+    def __init__(
+        self, model: GuidedFlowModel | None = None, device: str | torch.device = "cpu"
+    ) -> None:
+        if model is None:
+            model = _build_model({})
+        if model.backbone is None:
+            raise ValueError("GuidedSemanticFlow needs a model with a backbone")
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.checkpoint: str | None = None
+        """The checkpoint the weights came from (``None``: untrained or given directly)."""
+
+    @classmethod
+    def untrained(
+        cls,
+        backbone: str = "efficientnet_lite0",
+        input_size: int = 320,
+        device: str | torch.device = "cpu",
+    ) -> GuidedSemanticFlow:
+        """The method before training: ImageNet features of ``backbone`` (embedded for
+        efficientnet_lite0, downloaded by torchvision for the others), the pruning net passing
+        Q through (Q' = 0.99995 Q) and a zero matching residual, so the flow tau is the
+        interpolated guidance G'. ``input_size``: pixels of the square network input, a
+        multiple of 16."""
+        return cls(_build_model({"backbone": backbone, "input_size": input_size}), device)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"
+    ) -> GuidedSemanticFlow:
+        """The trained networks of a guided-flow Lightning checkpoint (stage 1 or 2: both hold
+        the whole model, backbone included), on the device ``map_location``. Raises
+        :class:`CheckpointError` naming the file when it is missing, unreadable or does not
+        hold a guided-flow model."""
+        name = os.fspath(path)
+        if not os.path.isfile(name):
+            raise CheckpointError(f"{name}: no such checkpoint file")
+        try:
+            checkpoint = torch.load(name, map_location=map_location, weights_only=True)
+        except Exception as error:  # the unpickler fails in many ways on a foreign file
+            reason = f"{type(error).__name__}: {_one_line(error)}"
+            raise CheckpointError(f"{name}: not a readable checkpoint ({reason})") from error
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise CheckpointError(f"{name}: not a Lightning checkpoint (no state_dict)")
+        invalid = f"{name}: does not hold a guided-flow model"
+        try:
+            # Every backbone weight comes from the checkpoint: build the trunk without loading
+            # (or downloading) the ImageNet weights it was initialised from.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", _RANDOM_WEIGHTS_WARNING, UserWarning)
+                model = _build_model({**checkpoint.get("hyper_parameters", {}), "weights": "none"})
+            state = {
+                key.removeprefix("model."): value
+                for key, value in checkpoint["state_dict"].items()
+                if key.startswith("model.")
+            }
+            keys = model.load_state_dict(state, strict=False)
+        except (GuidedFlowError, RuntimeError, TypeError) as error:
+            raise CheckpointError(f"{invalid} ({_one_line(error)[:300]})") from error
+        if keys.missing_keys or keys.unexpected_keys:
+            raise CheckpointError(
+                f"{invalid}: {len(keys.missing_keys)} missing keys {keys.missing_keys[:3]}, "
+                f"{len(keys.unexpected_keys)} unexpected keys {keys.unexpected_keys[:3]}"
+            )
+        matcher = cls(model, map_location)
+        matcher.checkpoint = name
+        return matcher
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) in pixels that every image is resized to for the network."""
+        return self.model.input_size
+
+    def _network_input(self, rgb: np.ndarray) -> torch.Tensor:
+        """``H x W x 3`` uint8 -> ``3 x H' x W'`` normalised float on the model's device."""
+        resized = resize_image(rgb, self.input_size)
+        pixels = torch.from_numpy(resized).permute(2, 0, 1).to(self.device, torch.float32)
+        return normalise(pixels / 255.0)
+
+    def match(
+        self, source: ImageInput, target: ImageInput, source_kps: object | None = None
+    ) -> MatchResult:
+        """Match ``source`` to ``target`` (see :data:`ImageInput`; any sizes) and transfer
+        ``source_kps`` (``K x 2`` (x, y) original source pixels, optional).
+
+        Returns a :class:`MatchResult` in original pixels."""
+        source_rgb, target_rgb = as_rgb(source), as_rgb(target)
+        kps = None if source_kps is None else as_points(source_kps)
+        source_size, target_size = source_rgb.shape[:2], target_rgb.shape[:2]
+        with torch.inference_mode():
+            images = torch.stack((self._network_input(source_rgb), self._network_input(target_rgb)))
+            features = self.model.backbone(images)
+            # One batch, both directions: (source, target) and (target, source).
+            out = self.model.forward_features(features, features.flip(0))
+            flows = out.flow_pixels(self.input_size)  # 2 x 2 x H x W input pixels
+            flow_s2t = flow_to_original_pixels(flows[0], source_size, target_size)
+            flow_t2s = flow_to_original_pixels(flows[1], target_size, source_size)
+            best = out.refined_confidence[0].amax(dim=0)  # h x w: max over the target cells
+            confidence = F.interpolate(
+                best[None, None],
+                size=source_size,
+                mode="bilinear",
+                align_corners=False,
+            )[0, 0]
+            source_points, target_points = out.confident_matches(0, self.input_size)
+            matches = (
+                self._to_original(source_points, source_size),
+                self._to_original(target_points, target_size),
+            )
+            keypoints = (
+                None if kps is None else self._transfer(flows[0], kps, source_size, target_size)
+            )
+        return MatchResult(
+            flow_s2t=flow_s2t.cpu().numpy(),
+            flow_t2s=flow_t2s.cpu().numpy(),
+            confidence=confidence.cpu().numpy(),
+            confident_matches=matches,
+            keypoints=keypoints,
+        )
+
+    def _to_original(self, points: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """``N x 2`` input pixels -> ``N x 2`` float32 pixels of an original image of
+        ``size = (H, W)``."""
+        scale = resize_scale(torch.tensor([size], device=points.device), self.input_size)[0]
+        return rescale_points(points.double(), 1.0 / scale).float().cpu().numpy()
+
+    def _transfer(
+        self,
+        flow_s2t: torch.Tensor,
+        kps: np.ndarray,
+        source_size: tuple[int, int],
+        target_size: tuple[int, int],
+    ) -> np.ndarray:
+        """Transfer ``kps`` (``K x 2`` original source pixels) by ``flow_s2t`` (``2 x H x W``
+        input pixels), read bilinearly at the keypoints' exact input positions. Returns
+        ``K x 2`` float64 original target pixels."""
+        if len(kps) == 0:
+            return kps.copy()
+        sizes = torch.tensor([source_size, target_size], device=flow_s2t.device)
+        source_scale, target_scale = resize_scale(sizes, self.input_size)
+        points = rescale_points(torch.from_numpy(kps).to(flow_s2t.device), source_scale)
+        moved = transfer_keypoints(flow_s2t[None].double(), points[None])[0]
+        return rescale_points(moved, 1.0 / target_scale).cpu().numpy()
