@@ -15,7 +15,7 @@ from pytorch_lightning.cli import LightningCLI
 from guided_flow.callbacks import FlowWriter
 from guided_flow.errors import GuidedFlowError
 from guided_flow.evaluation import EVAL_RESOLUTIONS, KPS_SAMPLINGS, PCK_BOUNDS, format_table
-from guided_flow.stages import EvaluationOptions, GuidedFlowStage
+from guided_flow.stages import EvaluationOptions, GuidedFlowStage, write_json
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # The project's own commands: name -> module whose ``main(argv) -> int`` runs it.
@@ -55,6 +55,12 @@ class GuidedFlowCLI(LightningCLI):
             default=None,
             help="where `predict` writes flow_s2t_<index>.npy (default: <log dir>/predictions)",
         )
+        parser.add_argument(
+            "--summary_file",
+            type=str | None,
+            default=None,
+            help="after `fit`, write the final logged metrics here as JSON (used by sweeps)",
+        )
         parser.add_argument("--eval_resolution", default="original", choices=EVAL_RESOLUTIONS)
         parser.add_argument("--kps_sampling", default="bilinear", choices=KPS_SAMPLINGS)
         parser.link_arguments(
@@ -77,6 +83,12 @@ class GuidedFlowCLI(LightningCLI):
         initialise = getattr(self.model, "initialise_from_checkpoint", None)
         if initialise is not None:
             initialise()
+
+    def after_fit(self) -> None:
+        path = self.config["fit"].get("summary_file")
+        if path and self.trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+            write_json(path, metrics)
 
     def before_validate(self) -> None:
         self._configure_evaluation()
