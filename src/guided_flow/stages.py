@@ -121,12 +121,19 @@ class GuidedFlowStage(pl.LightningModule):
         )
         self.keypoint_evaluator: KeypointEvaluator | None = None
         self.test_results: dict | None = None
+        self.skipped_steps = 0  # training steps skipped for a non-finite loss
         self._freeze_untrained()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Name the stage class in the saved hyper-parameters (as the CLI does), so that
         ``guided-flow test --ckpt_path`` and ``load_from_checkpoint`` rebuild the right stage
-        whoever wrote the checkpoint."""
+        whoever wrote the checkpoint. A model with non-finite weights is never saved."""
+        bad = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"refusing to write a checkpoint at global step {self.global_step}: "
+                f"non-finite weights in {bad[0]}" + (f" and {len(bad) - 1} more" if bad[1:] else "")
+            )
         hparams = checkpoint.setdefault("hyper_parameters", {})
         hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
         hparams.setdefault("_instantiator", "pytorch_lightning.cli.instantiate_module")
@@ -195,6 +202,7 @@ class GuidedFlowStage(pl.LightningModule):
                 f"term(s) {', '.join(bad)}"
             )
             if self.hparams.on_nonfinite == "skip":
+                self.skipped_steps += 1
                 self.print(f"warning: {message}; step skipped")
                 return None
             raise NonFiniteLossError(message)
