@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
+from data_modules.sampling import EpochShuffleSampler
 from guided_flow.errors import ConfigError, DataError
 from guided_flow.imaging import load_image, normalise, resize_image
 from guided_flow.synthetic_warps import (
@@ -294,10 +295,11 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError("call prepare_data() and setup() before asking for a dataloader")
         workers = self.hparams.num_workers
+        dataset = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.hparams.seed) if shuffle else None,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),

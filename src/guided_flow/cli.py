@@ -88,6 +88,7 @@ class GuidedFlowCLI(LightningCLI):
         path = self.config["fit"].get("summary_file")
         if path and self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+            metrics.update(epoch=self.trainer.current_epoch - 1, step=self.trainer.global_step)
             write_json(path, metrics)
 
     def before_validate(self) -> None:
