@@ -63,6 +63,9 @@ class GuidedFlowCLI(LightningCLI):
         )
         parser.add_argument("--eval_resolution", default="original", choices=EVAL_RESOLUTIONS)
         parser.add_argument("--kps_sampling", default="bilinear", choices=KPS_SAMPLINGS)
+        # A test config may leave the model out: --ckpt_path then supplies the stage and its
+        # hyper-parameters.
+        parser.set_defaults({"model": {"class_path": "guided_flow.stages.MatchingStage"}})
         parser.link_arguments(
             "model",
             "data.init_args.image_size",

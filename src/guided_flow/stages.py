@@ -26,8 +26,9 @@ from guided_flow.errors import ConfigError, GuidedFlowError
 from guided_flow.evaluation import KeypointEvaluator
 from guided_flow.flow_io import atomic_open
 from guided_flow.geometry import flow_cells_to_pixels
+from guided_flow.mask_metrics import MaskTransferEvaluator, is_mask_transfer_batch
 from guided_flow.matching import argmax_flow
-from guided_flow.metrics import DenseFlowMetric
+from guided_flow.metrics import DEFAULT_ALPHAS, DenseFlowMetric
 from guided_flow.model import FlowOutput, GuidedFlowModel, check_hyper_parameters
 from guided_flow.visual import pair_panel
 from guided_flow.viz import save_png
@@ -120,6 +121,7 @@ class GuidedFlowStage(pl.LightningModule):
             {name: DenseFlowMetric() for name in DENSE_PREDICTORS}
         )
         self.keypoint_evaluator: KeypointEvaluator | None = None
+        self.mask_evaluator: MaskTransferEvaluator | None = None
         self.test_results: dict | None = None
         self.skipped_steps = 0  # training steps skipped for a non-finite loss
         self._freeze_untrained()
@@ -233,6 +235,10 @@ class GuidedFlowStage(pl.LightningModule):
                 self.dense_metrics[name].update(
                     batch["index"], flow, batch["flow_s2t"], batch["flow_valid"]
                 )
+        elif is_mask_transfer_batch(batch):
+            # the source mask is warped onto the target grid: that needs the flow target -> source
+            flow_t2s = self(batch["target_image"], batch["source_image"]).flow_pixels(size)
+            self._mask_evaluator().update(batch, flow_t2s)
         else:
             self._keypoint_evaluator().update(batch, out.flow_pixels(size))
         return out
@@ -245,15 +251,33 @@ class GuidedFlowStage(pl.LightningModule):
                 pck_bound=bound,
                 eval_resolution=self.evaluation.eval_resolution,
                 kps_sampling=self.evaluation.kps_sampling,
+                alphas=getattr(datamodule, "alphas", DEFAULT_ALPHAS),
                 categories=getattr(datamodule, "categories", None),
                 difficulty_names=getattr(datamodule, "difficulty_names", ()),
             ).to(self.device)
         return self.keypoint_evaluator
 
-    def _results(self) -> dict:
-        """Computed (process-synchronised) results of the epoch, then reset."""
+    def _mask_evaluator(self) -> MaskTransferEvaluator:
+        if self.mask_evaluator is None:
+            self.mask_evaluator = MaskTransferEvaluator(
+                eval_resolution=self.evaluation.eval_resolution,
+                categories=getattr(self.trainer.datamodule, "categories", None),
+            ).to(self.device)
+        return self.mask_evaluator
+
+    def _benchmark_evaluator(self) -> KeypointEvaluator | MaskTransferEvaluator | None:
+        """The keypoint or mask-transfer evaluator that saw this epoch's pairs, if any."""
         if self.keypoint_evaluator is not None and self.keypoint_evaluator.pck.update_count:
-            results = self.keypoint_evaluator.compute()
+            return self.keypoint_evaluator
+        if self.mask_evaluator is not None and self.mask_evaluator.metric.update_count:
+            return self.mask_evaluator
+        return None
+
+    def _results(self) -> dict:
+        """Computed (process-synchronised) results of the epoch."""
+        evaluator = self._benchmark_evaluator()
+        if evaluator is not None:
+            results = evaluator.compute()
         else:
             dense = {name: metric.compute() for name, metric in self.dense_metrics.items()}
             pairs = dense["gsf"].pop("pairs")
@@ -266,8 +290,9 @@ class GuidedFlowStage(pl.LightningModule):
     def _reset_metrics(self) -> None:
         for metric in self.dense_metrics.values():
             metric.reset()
-        if self.keypoint_evaluator is not None:
-            self.keypoint_evaluator.reset()
+        for evaluator in (self.keypoint_evaluator, self.mask_evaluator):
+            if evaluator is not None:
+                evaluator.reset()
 
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         out = self._evaluate(batch)
@@ -290,7 +315,11 @@ class GuidedFlowStage(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         results = self._results()
         scores = results.get("gsf", results)
-        logged = {f"val/{key}": float(value) for key, value in scores.items() if key != "pairs"}
+        logged = {
+            f"val/{key}": float(value)
+            for key, value in scores.items()
+            if key != "pairs" and isinstance(value, int | float)
+        }
         logged["val/pck"] = float(scores["pck@0.1"])
         self.log_dict(logged, prog_bar=False, sync_dist=False)
         self.log("val_pck", logged["val/pck"], prog_bar=True, logger=False)
@@ -318,11 +347,11 @@ class GuidedFlowStage(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         results_dir = self._results_dir()
-        if self.keypoint_evaluator is not None and self.keypoint_evaluator.pck.update_count:
-            datamodule = self.trainer.datamodule
-            self.test_results = self.keypoint_evaluator.write(
+        evaluator = self._benchmark_evaluator()
+        if evaluator is not None:
+            self.test_results = evaluator.write(
                 results_dir,
-                datamodule.pair_names("test"),
+                self.trainer.datamodule.pair_names("test"),
                 {"checkpoint_hparams": dict(self.hparams)},
             )
         else:
