@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 
 from pytorch_lightning.cli import LightningCLI
 
@@ -27,6 +28,42 @@ TOOL_COMMANDS = {
 }
 
 
+@dataclass(frozen=True)
+class ProjectOption:
+    """A top-level option the project adds to the Lightning subcommands."""
+
+    name: str
+    help: str
+    default: str | None = None
+    choices: tuple[str, ...] = ()
+
+
+PROJECT_OPTIONS = (
+    ProjectOption(
+        "results_dir",
+        "where `test` writes metrics.json, predictions.jsonl, run.json and panels (default: the "
+        "run's log directory)",
+    ),
+    ProjectOption(
+        "pck_bound", "PCK bound L (default: the benchmark's own protocol)", None, PCK_BOUNDS
+    ),
+    ProjectOption(
+        "eval_resolution",
+        "compare keypoints in original or network-input pixels",
+        "original",
+        EVAL_RESOLUTIONS,
+    ),
+    ProjectOption("kps_sampling", "how the flow is read at a keypoint", "bilinear", KPS_SAMPLINGS),
+    ProjectOption(
+        "predictions_dir",
+        "where `predict` writes flow_s2t_<index>.npy (default: <log dir>/predictions)",
+    ),
+    ProjectOption(
+        "summary_file", "after `fit`, write the final logged metrics here as JSON (sweeps use it)"
+    ),
+)
+
+
 def _model_input_size(model: GuidedFlowStage) -> int:
     return model.hparams.input_size
 
@@ -36,33 +73,15 @@ class GuidedFlowCLI(LightningCLI):
     checkpoint given by ``--ckpt_path``), evaluation options are top-level flags."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument(
-            "--results_dir",
-            type=str | None,
-            default=None,
-            help="where `test` writes metrics.json and predictions.jsonl (default: the log dir)",
-        )
-        parser.add_argument(
-            "--pck_bound",
-            type=str | None,
-            default=None,
-            choices=[None, *PCK_BOUNDS],
-            help="PCK bound L (default: the benchmark's own protocol)",
-        )
-        parser.add_argument(
-            "--predictions_dir",
-            type=str | None,
-            default=None,
-            help="where `predict` writes flow_s2t_<index>.npy (default: <log dir>/predictions)",
-        )
-        parser.add_argument(
-            "--summary_file",
-            type=str | None,
-            default=None,
-            help="after `fit`, write the final logged metrics here as JSON (used by sweeps)",
-        )
-        parser.add_argument("--eval_resolution", default="original", choices=EVAL_RESOLUTIONS)
-        parser.add_argument("--kps_sampling", default="bilinear", choices=KPS_SAMPLINGS)
+        for option in PROJECT_OPTIONS:
+            choices = {"choices": [None, *option.choices]} if option.choices else {}
+            parser.add_argument(
+                f"--{option.name}",
+                type=str | None,
+                default=option.default,
+                help=option.help,
+                **choices,
+            )
         # A test config may leave the model out: --ckpt_path then supplies the stage and its
         # hyper-parameters.
         parser.set_defaults({"model": {"class_path": "guided_flow.stages.MatchingStage"}})

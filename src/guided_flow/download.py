@@ -274,7 +274,8 @@ def instructions(name: str, root: Path, remotes: Sequence[Remote], expected: Seq
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``guided-flow download``."""
     parser = argparse.ArgumentParser(
         prog="guided-flow download",
         description="Fetch and unpack a benchmark's official files into --root (or, offline, "
@@ -296,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns 0 when the files are in place, 1 when they must be placed by
     hand (the instructions are printed)."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     benchmark = BENCHMARKS[args.benchmark]
     root: Path = args.root
     remotes, expected = benchmark.remotes, benchmark.expected

@@ -191,17 +191,26 @@ def write_heatmap(path: Path, sweep: SweepDefinition, rows: list[dict[str, objec
         handle.write(buffer.getvalue())
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``guided-flow sweep`` (arguments after ``--`` go to every trial)."""
+    parser = argparse.ArgumentParser(
+        prog="guided-flow sweep",
+        usage="guided-flow sweep FILE [--base-config CFG] [--out DIR] [-- EXTRA_ARGS...]",
+        description="Run a W&B grid sweep definition locally, each trial a fresh run.",
+    )
+    parser.add_argument("file", help="a W&B sweep definition (method: grid)")
+    parser.add_argument("--base-config", help="replaces the --config of the sweep's command")
+    parser.add_argument("--out", help="folder of the trials (default: outputs/sweeps/<FILE stem>)")
+    return parser
+
+
 def main(argv: list[str]) -> int:
     """Console entry: ``guided-flow sweep FILE [--base-config CFG] [--out DIR] [-- EXTRA...]``."""
     extra: list[str] = []
     if "--" in argv:
         split = argv.index("--")
         argv, extra = argv[:split], argv[split + 1 :]
-    parser = argparse.ArgumentParser(prog="guided-flow sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("file", help="a W&B sweep definition (method: grid)")
-    parser.add_argument("--base-config", help="replaces the --config of the sweep's command")
-    parser.add_argument("--out", help="folder of the trials (default: outputs/sweeps/<FILE stem>)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     sweep = load_sweep(args.file)
     out = Path(args.out or Path("outputs/sweeps") / Path(args.file).stem)
     rows = run_sweep(sweep, out, args.base_config, extra)
