@@ -130,3 +130,14 @@ def test_confident_matches_in_pixels():
     shift = torch.tensor([16.0, 32.0]).expand(int(covered.sum()), 2)
     assert torch.allclose(trg[covered] - src[covered], shift, atol=1e-3)
     assert torch.allclose(src[0], torch.tensor([7.5, 7.5]))  # cell (0, 0) centre
+
+
+def test_without_refinement_the_flow_is_the_guidance():
+    model = GuidedFlowModel(None, grid=(10, 10)).eval()
+    with torch.no_grad():
+        model.matching_net.body.conv8.bias.fill_(1.0)
+    source, target = shifted_pair(1, 32, 10, 10, (1, 0), seed=13)
+    refined = model.forward_features(source, target)
+    plain = model.forward_features(source, target, refine=False)
+    assert torch.equal(plain.flow, plain.guidance)
+    assert torch.allclose(refined.flow, refined.guidance + 1.0)

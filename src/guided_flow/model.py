@@ -120,8 +120,11 @@ class GuidedFlowModel(nn.Module):
         stride = self.backbone.stride if self.backbone is not None else 16
         return self.grid[0] * stride, self.grid[1] * stride
 
-    def forward(self, source_image: torch.Tensor, target_image: torch.Tensor) -> FlowOutput:
-        """``B x 3 x H x W`` normalised images (H, W = :attr:`input_size`) -> FlowOutput."""
+    def forward(
+        self, source_image: torch.Tensor, target_image: torch.Tensor, refine: bool = True
+    ) -> FlowOutput:
+        """``B x 3 x H x W`` normalised images (H, W = :attr:`input_size`) -> FlowOutput.
+        ``refine=False`` skips the matching network (tau = G'), which stage 1 does not train."""
         if self.backbone is None:
             raise ConfigError("this model was built without a backbone: call forward_features")
         if tuple(source_image.shape[-2:]) != self.input_size:
@@ -132,10 +135,10 @@ class GuidedFlowModel(nn.Module):
         # One backbone pass over both images keeps BatchNorm statistics and kernels shared.
         features = self.backbone(torch.cat((source_image, target_image), dim=0))
         source_features, target_features = features.chunk(2, dim=0)
-        return self.forward_features(source_features, target_features)
+        return self.forward_features(source_features, target_features, refine)
 
     def forward_features(
-        self, source_features: torch.Tensor, target_features: torch.Tensor
+        self, source_features: torch.Tensor, target_features: torch.Tensor, refine: bool = True
     ) -> FlowOutput:
         """L2-normalised features ``B x D x h x w`` of both images -> FlowOutput."""
         if tuple(source_features.shape[-2:]) != self.grid:
@@ -150,8 +153,10 @@ class GuidedFlowModel(nn.Module):
         guidance = matching.interpolate_guidance(
             sparse, weight, self.c_p, self.window_n, self.guidance_model
         )
-        guided_volume = matching.guided_correlation(volume, guidance, self.c_m)
-        flow = guidance + self.matching_net(guided_volume)
+        flow = guidance
+        if refine:
+            guided_volume = matching.guided_correlation(volume, guidance, self.c_m)
+            flow = guidance + self.matching_net(guided_volume)
         return FlowOutput(
             flow=flow,
             guidance=guidance,

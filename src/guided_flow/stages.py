@@ -194,7 +194,7 @@ class GuidedFlowStage(pl.LightningModule):
         return total
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor | None:
-        out = self(batch["source_image"], batch["target_image"])
+        out = self.model(batch["source_image"], batch["target_image"], refine=self.stage == 2)
         terms = self.loss_terms(out, batch)
         total = self.total_loss(terms)
         if not torch.isfinite(total):
@@ -352,7 +352,10 @@ class GuidedFlowStage(pl.LightningModule):
             self.test_results = evaluator.write(
                 results_dir,
                 self.trainer.datamodule.pair_names("test"),
-                {"checkpoint_hparams": dict(self.hparams)},
+                {
+                    "checkpoint_hparams": dict(self.hparams),
+                    "skipped_pairs": getattr(self.trainer.datamodule, "skipped_pairs", 0),
+                },
             )
         else:
             self.test_results = self._results()
