@@ -19,8 +19,10 @@ Items: ``source_image``, ``target_image`` (``3 x H x W`` normalised), ``source_m
 ``category_id``, ``source_size``, ``target_size`` (``2`` (H, W)) and ``source_polygon``,
 ``target_polygon`` (``P x 2`` float32 (x, y) original pixels, NaN-padded), which
 :class:`~guided_flow.mask_metrics.MaskTransferEvaluator` scores (LT-ACC, IoU, LOC-ERR) at the
-original resolution. Malformed rows raise :class:`~guided_flow.errors.DataError` naming the file
-and line.
+original resolution. Bad rows (malformed, a missing or truncated image, a vertex that is not finite
+or lies more than 1 px outside its original image: :mod:`data_modules.bad_pairs`) raise
+:class:`~guided_flow.errors.DataError` naming the file and line, or with ``skip_bad`` are dropped
+with a warning and counted in ``skipped_pairs``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data_modules.bad_pairs import BadPairPolicy
 from data_modules.cache import ImageCache
 from data_modules.pf_pascal import (
     PairList,
@@ -84,20 +87,23 @@ def _polygon(path: Path, line: int, row: list[str], first: int) -> np.ndarray:
     return vertices
 
 
-def read_caltech_pairs(root: Path, path: Path) -> PairList:
-    """Read and validate the Caltech-101 list ``path``; errors name the file and line."""
+def read_caltech_pairs(root: Path, path: Path, policy: BadPairPolicy | None = None) -> PairList:
+    """Read and validate the Caltech-101 list ``path``; errors name the file and line.
+    ``policy`` (default: raise) decides what a bad row does."""
+    policy = policy or BadPairPolicy()
     _, rows = read_rows(path)
-    builder = PairListBuilder(root, path, CALTECH_CATEGORIES)
+    builder = PairListBuilder(root, path, CALTECH_CATEGORIES, what="vertex")
     for line, row in rows:
-        if len(row) != len(COLUMNS):
-            raise row_error(
-                path, line, f"{len(row)} columns, expected {len(COLUMNS)} ({','.join(COLUMNS)})"
-            )
-        category = parse_class(path, line, row[2], len(CALTECH_CATEGORIES))
-        source, target = _polygon(path, line, row, 3), _polygon(path, line, row, 5)
-        points = np.full((2, max(len(source), len(target)), 2), np.nan)
-        points[0, : len(source)], points[1, : len(target)] = source, target
-        builder.add(line, row[0], row[1], category, points=points)
+        with policy.guard():
+            if len(row) != len(COLUMNS):
+                raise row_error(
+                    path, line, f"{len(row)} columns, expected {len(COLUMNS)} ({','.join(COLUMNS)})"
+                )
+            category = parse_class(path, line, row[2], len(CALTECH_CATEGORIES))
+            source, target = _polygon(path, line, row, 3), _polygon(path, line, row, 5)
+            points = np.full((2, max(len(source), len(target)), 2), np.nan)
+            points[0, : len(source)], points[1, : len(target)] = source, target
+            builder.add(line, row[0], row[1], category, points=points)
     return builder.build("polygons")
 
 
@@ -148,7 +154,8 @@ class CaltechDataset(Dataset):
 
 class CaltechDataModule(PairsDataModule):
     """Caltech-101 mask-transfer test pairs (see the module docstring); the arguments are those
-    of :class:`~data_modules.pf_pascal.PairsDataModule` (only ``split="test"``)."""
+    of :class:`~data_modules.pf_pascal.PairsDataModule` (only ``split="test"``; ``skip_bad``
+    drops bad rows with a warning and counts them in ``skipped_pairs``)."""
 
     benchmark = "caltech"
     categories = CALTECH_CATEGORIES
@@ -159,7 +166,9 @@ class CaltechDataModule(PairsDataModule):
 
     def read_pairs(self, split: str) -> PairList:
         return read_caltech_pairs(
-            self.root, find_pair_list(self.root, self.list_names(split), self.benchmark)
+            self.root,
+            find_pair_list(self.root, self.list_names(split), self.benchmark),
+            self.policy,
         )
 
     def make_dataset(self, split: str, pairs: PairList, cache: ImageCache) -> Dataset:

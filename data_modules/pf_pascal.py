@@ -26,8 +26,11 @@ leaves the masked losses unrestricted) and ``meta["source_has_mask"]`` /
 and test lists share pairs (95 in the public release): :meth:`PFPascalDataModule.setup` reports
 how many.
 
-Every malformed row (wrong column count, keypoint count mismatch, unknown class, missing image)
-raises :class:`~guided_flow.errors.DataError` naming the file and line.
+Every bad row (wrong column count, keypoint count mismatch, unknown class, a missing, unreadable
+or truncated image, a keypoint that is not finite or lies more than 1 px outside its original
+image: :mod:`data_modules.bad_pairs`) raises :class:`~guided_flow.errors.DataError` naming the
+file and line, before any model work; with ``skip_bad`` the pair is dropped with a warning and
+counted instead (``skipped_pairs``, which ``test`` writes into ``run.json``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.augment import AugmentConfig, PairAugmenter, View, flip_view, hflip_points
+from data_modules.bad_pairs import BadPairPolicy, ImageSizes, SkippedPairsReport, point_problem
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
 from data_modules.sampling import EpochShuffleSampler
 from guided_flow.errors import ConfigError, DataError
@@ -135,8 +139,8 @@ def parse_numbers(path: Path, line: int, column: str, text: str) -> np.ndarray:
 
 
 def parse_class(path: Path, line: int, text: str, count: int) -> int:
-    """A 1-based class number in ``1..count`` as a 0-based category id."""
-    if not text.isdigit() or not 1 <= int(text) <= count:
+    """A 1-based class number in ``1..count`` (ASCII digits) as a 0-based category id."""
+    if not re.fullmatch(r"[0-9]{1,9}", text) or not 1 <= int(text) <= count:
         raise row_error(path, line, f"class {text!r} is not a number in 1..{count}")
     return int(text) - 1
 
@@ -194,26 +198,27 @@ def _pad(arrays: list[np.ndarray], fill: float) -> np.ndarray:
 
 @dataclass
 class PairListBuilder:
-    """Collects the rows of a pair list (:meth:`add`), checking that every image exists, and
-    builds the :class:`PairList`."""
+    """Collects the rows of a pair list (:meth:`add`), checking that every image exists and
+    decodes and that every point lies in its image, and builds the :class:`PairList`. ``what``
+    names the points in messages (``keypoint`` or ``vertex``)."""
 
     root: Path
     path: Path
     categories: Sequence[str]
+    what: str = "keypoint"
     images: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict, init=False)
     pairs: list[tuple[list[int], int, bool]] = field(default_factory=list)
     points: list[np.ndarray] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    sizes: ImageSizes = field(default_factory=ImageSizes, init=False)
 
-    def image(self, line: int, relative: str) -> int:
-        """The row of image ``relative`` in :attr:`images` (added on first use)."""
-        if relative not in self.rows:
-            if not relative or not (self.root / relative).is_file():
-                raise row_error(self.path, line, f"image {self.root / relative} does not exist")
-            self.rows[relative] = len(self.images)
-            self.images.append(relative)
-        return self.rows[relative]
+    def image_size(self, line: int, relative: str) -> tuple[int, int]:
+        """``(H, W)`` of image ``relative``, which must exist and decode in full."""
+        try:
+            return self.sizes(self.root / relative)
+        except DataError as error:
+            raise row_error(self.path, line, str(error)) from error
 
     def add(
         self,
@@ -224,14 +229,29 @@ class PairListBuilder:
         flip: bool = False,
         points: np.ndarray | None = None,
     ) -> None:
-        """Add a pair; ``points``: ``2 x K x 2`` (source, target) keypoints or polygons."""
-        self.pairs.append(([self.image(line, source), self.image(line, target)], category_id, flip))
+        """Add a pair after checking it; ``points``: ``2 x K x 2`` (source, target) keypoints or
+        polygons in original pixels, all-NaN rows absent, the others within their image
+        (:func:`~data_modules.bad_pairs.point_problem`). A bad pair raises before anything is
+        recorded."""
+        sizes = [self.image_size(line, relative) for relative in (source, target)]
         if points is not None:
+            for side, side_points, size in zip(("source", "target"), points, sizes, strict=True):
+                problem = point_problem(side_points, size, self.what)
+                if problem is not None:
+                    raise row_error(self.path, line, f"the {side}'s {problem}")
             self.points.append(points)
+        for relative in (source, target):
+            if relative not in self.rows:
+                self.rows[relative] = len(self.images)
+                self.images.append(relative)
+        self.pairs.append(([self.rows[source], self.rows[target]], category_id, flip))
 
     def build(self, kind: str | None = None) -> PairList:
         """The :class:`PairList`; ``kind``: ``"keypoints"`` (NaN entries are invalid slots),
-        ``"polygons"`` or None (no per-pair points)."""
+        ``"polygons"`` or None (no per-pair points). Raises :class:`DataError` when no pair was
+        added (every row was skipped as bad)."""
+        if not self.pairs:
+            raise DataError(f"{self.path}: no usable pair is left (every row was skipped as bad)")
         names = []
         for number, ((source, target), category, _) in enumerate(self.pairs, start=1):
             stems = (Path(self.images[source]).stem, Path(self.images[target]).stem)
@@ -404,10 +424,12 @@ class MaskedPairsDataset(Dataset):
         return item
 
 
-class PairsDataModule(pl.LightningDataModule):
+class PairsDataModule(SkippedPairsReport, pl.LightningDataModule):
     """A benchmark given by csv pair lists and images under one root, cached per split in HDF5
     (:mod:`data_modules.cache`). Subclasses say which splits exist (:attr:`splits`), read and
-    validate a split's list (:meth:`read_pairs`) and build its dataset (:meth:`make_dataset`).
+    validate a split's list (:meth:`read_pairs`, through :attr:`policy`) and build its dataset
+    (:meth:`make_dataset`). Each split is validated once per data module, in
+    :meth:`prepare_data` or :meth:`setup`, whichever comes first in the process.
 
     Args:
         root: the benchmark's folder.
@@ -416,6 +438,8 @@ class PairsDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         cache_dir: where the HDF5 image caches go (default ``<root>/cache``).
         split: the split served by the test loader.
+        skip_bad: drop each bad pair (:mod:`data_modules.bad_pairs`) with a warning instead of
+            raising :class:`~guided_flow.errors.DataError`; ``skipped_pairs`` counts them.
     """
 
     benchmark = ""
@@ -431,6 +455,7 @@ class PairsDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         split: str = "test",
+        skip_bad: bool = False,
     ) -> None:
         super().__init__()
         if split not in self.splits:
@@ -448,8 +473,10 @@ class PairsDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "cache"
         self.split = split
+        self.policy = BadPairPolicy(skip_bad)
         self.datasets: dict[str, Dataset] = {}
         self.pair_lists: dict[str, PairList] = {}
+        self._specs: dict[str, tuple[PairList, Path, str]] = {}
 
     # --- what subclasses provide --------------------------------------------------------------
     def list_names(self, split: str) -> tuple[str, ...]:
@@ -457,7 +484,7 @@ class PairsDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def read_pairs(self, split: str) -> PairList:
-        """Read and validate ``split``'s pair list."""
+        """Read and validate ``split``'s pair list, handing bad pairs to :attr:`policy`."""
         raise NotImplementedError
 
     def make_dataset(self, split: str, pairs: PairList, cache: ImageCache) -> Dataset:
@@ -492,7 +519,13 @@ class PairsDataModule(pl.LightningDataModule):
 
     def _cache_spec(self, split: str) -> tuple[PairList, Path, str]:
         """The validated pair list of ``split``, its cache file and the fingerprint it must
-        carry."""
+        carry (computed on the first call, so that each bad pair is reported once)."""
+        if split not in self._specs:
+            self._specs[split] = self._read_spec(split)
+        return self._specs[split]
+
+    def _read_spec(self, split: str) -> tuple[PairList, Path, str]:
+        """:meth:`_cache_spec`, read now."""
         pairs = self.read_pairs(split)
         masks = self.mask_files(split)
         files = [pairs.path, *(self.root / name for name in (*pairs.sources, *pairs.images))]
@@ -627,9 +660,13 @@ def _annotation_keypoints(path: Path, line: int, annotation: Path) -> np.ndarray
     if not annotation.is_file():
         raise row_error(path, line, f"no keypoint columns and no annotation file {annotation}")
     try:
-        kps = np.asarray(scipy.io.loadmat(annotation)["kps"], dtype=np.float64)
-    except (OSError, ValueError, KeyError, NotImplementedError) as error:
-        raise DataError(f"{annotation}: cannot read 'kps' ({error})") from error
+        content = scipy.io.loadmat(annotation)
+    except Exception as error:  # scipy's reader fails on a corrupt file with any exception type
+        raise DataError(f"{annotation}: cannot read the annotation file ({error!r})") from error
+    try:
+        kps = np.asarray(content["kps"], dtype=np.float64)
+    except (KeyError, ValueError, TypeError, OverflowError) as error:
+        raise DataError(f"{annotation}: cannot read 'kps' ({error!r})") from error
     if kps.ndim != 2 or kps.shape[1] != 2:
         raise DataError(f"{annotation}: 'kps' has shape {kps.shape}, expected K x 2")
     return kps
@@ -647,6 +684,7 @@ class PFPascalDataModule(PairsDataModule):
             ``SegmentationObject``); default ``<root>/VOCdevkit/VOC2012`` or ``<root>/VOC2012``.
         hflip_p, swap_p, jitter_p, brightness, contrast, saturation, hue, blur_p, blur_sigma:
             training augmentation, see :class:`~data_modules.augment.AugmentConfig`.
+        skip_bad: see :class:`PairsDataModule`.
     """
 
     benchmark = "pf-pascal"
@@ -674,10 +712,11 @@ class PFPascalDataModule(PairsDataModule):
         hue: float = 0.05,
         blur_p: float = 0.1,
         blur_sigma: float = 1.0,
+        skip_bad: bool = False,
     ) -> None:
         if split == "train":
             raise ConfigError("--data.split 'train' has no keypoints: choose test or val")
-        super().__init__(root, image_size, batch_size, num_workers, cache_dir, split)
+        super().__init__(root, image_size, batch_size, num_workers, cache_dir, split, skip_bad)
         self.masks = masks
         self.voc_root = Path(voc_root) if voc_root is not None else None
         self.augment = AugmentConfig(
@@ -734,31 +773,39 @@ class PFPascalDataModule(PairsDataModule):
                 "source_image,target_image,class,flip or source_image,target_image,class,XA,YA,"
                 "XB,YB"
             )
-        with_columns = len(header) == 7
         needs_kps = split != "train"
         builder = PairListBuilder(self.root, path, VOC_CATEGORIES)
         for line, row in rows:
-            check_column_count(path, line, row, header)
-            category = parse_class(path, line, row[2], len(VOC_CATEGORIES))
-            flip = False
-            if not with_columns:
-                if row[3] not in ("0", "1"):
-                    raise row_error(path, line, f"flip {row[3]!r} is not 0 or 1")
-                flip = row[3] == "1"
-            points = None
-            if with_columns:
-                numbers = [parse_numbers(path, line, header[c], row[c]) for c in range(3, 7)]
-                sides = [
-                    paired_points(
-                        path, line, (header[c], numbers[c - 3]), (header[c + 1], numbers[c - 2])
-                    )
-                    for c in (3, 5)
-                ]
-                points = self._pair_points(path, line, sides)
-            elif needs_kps:
-                points = self._annotated_points(path, line, row[:2], category, builder)
-            builder.add(line, row[0], row[1], category, flip, points)
+            with self.policy.guard():
+                self._add_row(builder, line, row, header, needs_kps)
         return builder.build("keypoints" if needs_kps else None)
+
+    def _add_row(
+        self, builder: PairListBuilder, line: int, row: list[str], header: list[str], kps: bool
+    ) -> None:
+        """Check row ``line`` of a list and add its pair to ``builder`` (with keypoints from
+        the row's columns or, when ``kps`` and the list has none, the annotation files)."""
+        path = builder.path
+        check_column_count(path, line, row, header)
+        category = parse_class(path, line, row[2], len(VOC_CATEGORIES))
+        flip = False
+        if len(header) == 4:
+            if row[3] not in ("0", "1"):
+                raise row_error(path, line, f"flip {row[3]!r} is not 0 or 1")
+            flip = row[3] == "1"
+        points = None
+        if len(header) == 7:
+            numbers = [parse_numbers(path, line, header[c], row[c]) for c in range(3, 7)]
+            sides = [
+                paired_points(
+                    path, line, (header[c], numbers[c - 3]), (header[c + 1], numbers[c - 2])
+                )
+                for c in (3, 5)
+            ]
+            points = self._pair_points(path, line, sides)
+        elif kps:
+            points = self._annotated_points(path, line, row[:2], category, builder)
+        builder.add(line, row[0], row[1], category, flip, points)
 
     @staticmethod
     def _pair_points(path: Path, line: int, sides: list[np.ndarray]) -> np.ndarray:

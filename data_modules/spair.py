@@ -7,11 +7,15 @@ Layout under ``root`` (the unpacked ``SPair-71k`` folder)::
     JPEGImages/<category>/<image>.jpg
     Segmentation/<category>/<image>.png     optional; non-zero pixels are foreground
 
-Every annotation of the split is validated in :meth:`SPairDataModule.prepare_data` and
-:meth:`SPairDataModule.setup` (a missing key, a keypoint count mismatch or a missing image raises
-:class:`~guided_flow.errors.DataError` naming the file). The split's images (and masks when the
-``Segmentation`` folder exists) are resized once into an HDF5 cache (:mod:`data_modules.cache`);
-the pair annotations are read from the JSON files, whose fingerprint the cache carries.
+Every annotation of the split is validated once per data module, in
+:meth:`SPairDataModule.prepare_data` or :meth:`SPairDataModule.setup` (:func:`read_split`: a
+missing key, a keypoint count mismatch, a keypoint that is not finite or lies more than 1 px
+outside its image, a missing, unreadable or truncated image, or one whose size disagrees with the
+annotation raises :class:`~guided_flow.errors.DataError` naming the file; with ``skip_bad`` the
+pair is dropped with a warning and counted in ``skipped_pairs`` instead). The split's images (and
+masks when the ``Segmentation`` folder exists) are resized once into an HDF5 cache
+(:mod:`data_modules.cache`); the pair annotations are read from the JSON files, whose fingerprint
+the cache carries.
 
 Batches follow the project's schema (DESIGN.md); ``meta`` holds the original-pixel annotations
 that :mod:`guided_flow.evaluation` scores against:
@@ -32,12 +36,14 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.bad_pairs import BadPairPolicy, ImageSizes, SkippedPairsReport, point_problem
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
 from guided_flow.errors import ConfigError, DataError
 from guided_flow.evaluation import rescale_points, resize_scale
@@ -62,8 +68,7 @@ class SPairSplit:
     largest keypoint count).
 
     ``images``: ``I`` paths relative to ``JPEGImages`` (``<category>/<file>``) with their
-    ``image_sizes`` (``I x 2`` (H, W)) and the annotation that first names each
-    (``image_sources``); per pair: ``names``, ``category_ids`` (``N``), ``image_ids``
+    ``image_sizes`` (``I x 2`` (H, W)); per pair: ``names``, ``category_ids`` (``N``), ``image_ids``
     (``N x 2``, source and target rows of ``images``), ``kps`` (``N x 2 x K x 2`` float32,
     source then target, zero-padded), ``kps_count`` (``N``), ``boxes`` (``N x 2 x 4`` float32),
     ``difficulty`` (``N x 4`` int64)."""
@@ -71,7 +76,6 @@ class SPairSplit:
     names: list[str]
     images: list[str]
     image_sizes: np.ndarray
-    image_sources: list[Path]
     category_ids: np.ndarray
     image_ids: np.ndarray
     kps: np.ndarray
@@ -84,7 +88,7 @@ def _number_array(path: Path, record: Mapping, key: str, shape: tuple[int, ...])
     """``record[key]`` as a float64 array of ``shape`` (``-1`` matches any length)."""
     try:
         array = np.asarray(record[key], dtype=np.float64)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise DataError(f"{path}: '{key}' is not numeric ({error})") from error
     if array.ndim != len(shape) or any(
         s not in (-1, a) for s, a in zip(shape, array.shape, strict=True)
@@ -103,90 +107,140 @@ def _image_size(path: Path, record: Mapping, key: str) -> tuple[int, int]:
     return int(size[1]), int(size[0])
 
 
-def read_split(root: Path, split: str, with_masks: bool) -> SPairSplit:
-    """Read and validate every annotation of ``split``: keys, shapes, matching keypoint counts,
-    known categories and the presence of every image (and mask when ``with_masks``). Raises
-    :class:`DataError` naming the offending file."""
+class _Pair(NamedTuple):
+    """One validated annotation: its category, its (source, target) images (relative to
+    ``JPEGImages``) and their ``(H, W)``, keypoints (two ``K x 2``), boxes (two ``4``) and
+    difficulty flags."""
+
+    category_id: int
+    images: tuple[str, str]
+    sizes: tuple[tuple[int, int], tuple[int, int]]
+    kps: list[np.ndarray]
+    boxes: list[np.ndarray]
+    flags: list[int]
+
+
+def _flag(path: Path, record: Mapping, key: str) -> int:
+    """``record[key]``, a difficulty flag: a non-negative integer."""
+    value = float(_number_array(path, record, key, ()))
+    if value != round(value) or not 0 <= value < 2**31:
+        raise DataError(f"{path}: '{key}' must be a non-negative integer, got {value:g}")
+    return int(value)
+
+
+def _read_pair(root: Path, path: Path, with_masks: bool, sizes: ImageSizes) -> _Pair:
+    """Read and validate the annotation ``path``: keys, shapes, matching keypoint counts, a known
+    category, boxes of positive size, flags, keypoints inside their images, and images (and
+    masks when ``with_masks``) that exist, decode and have the annotated sizes. Raises
+    :class:`DataError` naming the file."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise DataError(f"{path}: cannot read the annotation ({error})") from error
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: not a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
+    category = record["category"]
+    if category not in CATEGORIES:
+        raise DataError(f"{path}: unknown category {category!r}")
+    kps = [_number_array(path, record, key, (-1, 2)) for key in ("src_kps", "trg_kps")]
+    if len(kps[0]) != len(kps[1]):
+        raise DataError(
+            f"{path}: keypoint count mismatch: src_kps has {len(kps[0])}, trg_kps has {len(kps[1])}"
+        )
+    if len(kps[0]) == 0:
+        raise DataError(f"{path}: no keypoints")
+    boxes = [_number_array(path, record, key, (4,)) for key in ("src_bndbox", "trg_bndbox")]
+    for key, box in zip(("src_bndbox", "trg_bndbox"), boxes, strict=True):
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise DataError(f"{path}: '{key}' {box.tolist()} is not a box (x1 < x2, y1 < y2)")
+    flags = [_flag(path, record, key) for key in DIFFICULTY_NAMES]
+    images, image_sizes = [], []
+    for side, points in zip(("src", "trg"), kps, strict=True):
+        name = record[f"{side}_imname"]
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{path}: '{side}_imname' is not a file name")
+        relative = f"{category}/{name}"
+        size = _image_size(path, record, f"{side}_imsize")
+        image_path = root / "JPEGImages" / relative
+        try:
+            found = sizes(image_path)
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from error
+        if found != size:
+            raise DataError(
+                f"{path}: image {image_path} is {found[1]} x {found[0]} pixels but "
+                f"'{side}_imsize' says {size[1]} x {size[0]}"
+            )
+        mask_path = _mask_path(root, relative)
+        if with_masks and not mask_path.is_file():
+            raise DataError(
+                f"{path}: mask {mask_path} does not exist (pass masks=False to ignore "
+                "the Segmentation folder)"
+            )
+        problem = point_problem(points, size)
+        if problem is not None:
+            raise DataError(f"{path}: {side}_kps: {problem}")
+        images.append(relative)
+        image_sizes.append(size)
+    return _Pair(CATEGORIES.index(category), tuple(images), tuple(image_sizes), kps, boxes, flags)
+
+
+def read_split(
+    root: Path, split: str, with_masks: bool, policy: BadPairPolicy | None = None
+) -> SPairSplit:
+    """Read and validate every annotation of ``split`` (:func:`_read_pair`, each image decoded
+    once). Raises :class:`DataError` naming the offending file; ``policy`` (default: raise)
+    decides what a bad pair does."""
+    policy = policy or BadPairPolicy()
     layout = root / "Layout" / "large" / f"{split}.txt"
     if not layout.is_file():
         raise DataError(
             f"{root}: SPair-71k not found ({layout} is missing). Download it with "
             f"`guided-flow download spair --root {root}`"
         )
-    names = [
-        line.strip() for line in layout.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    try:
+        lines = layout.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{layout}: cannot read the pair list ({error})") from error
+    names = [line.strip() for line in lines if line.strip()]
     if not names:
         raise DataError(f"{layout}: lists no pairs")
-    image_rows: dict[str, int] = {}
-    images: list[str] = []
-    sizes: list[tuple[int, int]] = []
-    sources: list[Path] = []
-    pairs = []
+    sizes = ImageSizes()
+    kept: list[str] = []
+    pairs: list[_Pair] = []
     for name in names:
-        path = root / "PairAnnotation" / split / f"{name}.json"
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise DataError(f"{path}: cannot read the annotation ({error})") from error
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: not a JSON object")
-        missing = [key for key in REQUIRED_KEYS if key not in record]
-        if missing:
-            raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
-        category = record["category"]
-        if category not in CATEGORIES:
-            raise DataError(f"{path}: unknown category {category!r}")
-        kps = [_number_array(path, record, key, (-1, 2)) for key in ("src_kps", "trg_kps")]
-        if len(kps[0]) != len(kps[1]):
-            raise DataError(
-                f"{path}: keypoint count mismatch: src_kps has {len(kps[0])}, "
-                f"trg_kps has {len(kps[1])}"
-            )
-        if len(kps[0]) == 0:
-            raise DataError(f"{path}: no keypoints")
-        boxes = [_number_array(path, record, key, (4,)) for key in ("src_bndbox", "trg_bndbox")]
-        flags = [_number_array(path, record, key, ()) for key in DIFFICULTY_NAMES]
-        ids = []
-        for side in ("src", "trg"):
-            relative = f"{category}/{record[f'{side}_imname']}"
-            size = _image_size(path, record, f"{side}_imsize")
+        annotation = root / "PairAnnotation" / split / f"{name}.json"
+        with policy.guard():
+            pairs.append(_read_pair(root, annotation, with_masks, sizes))
+            kept.append(name)
+    if not pairs:
+        raise DataError(f"{layout}: no usable pair is left (every pair was skipped as bad)")
+    image_rows: dict[str, int] = {}
+    image_sizes: list[tuple[int, int]] = []
+    for pair in pairs:
+        for relative, size in zip(pair.images, pair.sizes, strict=True):
             if relative not in image_rows:
-                image_path = root / "JPEGImages" / relative
-                if not image_path.is_file():
-                    raise DataError(f"{path}: image {image_path} does not exist")
-                mask_path = _mask_path(root, relative)
-                if with_masks and not mask_path.is_file():
-                    raise DataError(
-                        f"{path}: mask {mask_path} does not exist (pass masks=False to ignore "
-                        "the Segmentation folder)"
-                    )
-                image_rows[relative] = len(images)
-                images.append(relative)
-                sizes.append(size)
-                sources.append(path)
-            elif sizes[image_rows[relative]] != size:
-                raise DataError(
-                    f"{path}: {side}_imsize {size[::-1]} disagrees with "
-                    f"{sources[image_rows[relative]]} for the same image"
-                )
-            ids.append(image_rows[relative])
-        pairs.append((CATEGORIES.index(category), ids, kps, boxes, flags))
-    most = max(len(pair[2][0]) for pair in pairs)
+                image_rows[relative] = len(image_rows)
+                image_sizes.append(size)
+    most = max(len(pair.kps[0]) for pair in pairs)
     kps = np.zeros((len(pairs), 2, most, 2), dtype=np.float32)
     for row, pair in enumerate(pairs):
-        kps[row, :, : len(pair[2][0])] = pair[2]
+        kps[row, :, : len(pair.kps[0])] = pair.kps
     return SPairSplit(
-        names=names,
-        images=images,
-        image_sizes=np.asarray(sizes, dtype=np.int64),
-        image_sources=sources,
-        category_ids=np.asarray([pair[0] for pair in pairs], dtype=np.int64),
-        image_ids=np.asarray([pair[1] for pair in pairs], dtype=np.int64),
+        names=kept,
+        images=list(image_rows),
+        image_sizes=np.asarray(image_sizes, dtype=np.int64),
+        category_ids=np.asarray([pair.category_id for pair in pairs], dtype=np.int64),
+        image_ids=np.asarray(
+            [[image_rows[relative] for relative in pair.images] for pair in pairs], dtype=np.int64
+        ),
         kps=kps,
-        kps_count=np.asarray([len(pair[2][0]) for pair in pairs], dtype=np.int64),
-        boxes=np.asarray([pair[3] for pair in pairs], dtype=np.float32),
-        difficulty=np.asarray([pair[4] for pair in pairs], dtype=np.int64),
+        kps_count=np.asarray([len(pair.kps[0]) for pair in pairs], dtype=np.int64),
+        boxes=np.asarray([pair.boxes for pair in pairs], dtype=np.float32),
+        difficulty=np.asarray([pair.flags for pair in pairs], dtype=np.int64),
     )
 
 
@@ -252,7 +306,7 @@ class SPairDataset(Dataset):
         return item
 
 
-class SPairDataModule(pl.LightningDataModule):
+class SPairDataModule(SkippedPairsReport, pl.LightningDataModule):
     """SPair-71k test pairs (see the module docstring for the layout and the batch ``meta``).
 
     Args:
@@ -263,6 +317,8 @@ class SPairDataModule(pl.LightningDataModule):
         cache_dir: where the HDF5 image cache goes (default ``<root>/cache``).
         split: ``trn``, ``val`` or ``test``: the pairs served by the test loader.
         masks: use ``Segmentation`` masks when that folder exists.
+        skip_bad: drop each bad pair (see :func:`read_split`) with a warning instead of raising
+            :class:`~guided_flow.errors.DataError`; ``skipped_pairs`` counts them.
     """
 
     categories = CATEGORIES
@@ -278,6 +334,7 @@ class SPairDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         split: str = "test",
         masks: bool = True,
+        skip_bad: bool = False,
     ) -> None:
         super().__init__()
         if split not in SPLITS:
@@ -291,7 +348,9 @@ class SPairDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "cache"
         self.split = split
         self.masks = masks
+        self.policy = BadPairPolicy(skip_bad)
         self.dataset: SPairDataset | None = None
+        self._spec: tuple[SPairSplit, Path, str] | None = None
 
     @property
     def with_masks(self) -> bool:
@@ -299,13 +358,20 @@ class SPairDataModule(pl.LightningDataModule):
         return self.masks and (self.root / "Segmentation").is_dir()
 
     def _annotations(self) -> tuple[SPairSplit, Path, str]:
-        """The validated split, its cache path and the fingerprint the cache must carry."""
+        """The validated split, its cache path and the fingerprint the cache must carry
+        (computed on the first call, so that each bad pair is reported once)."""
+        if self._spec is None:
+            self._spec = self._read_annotations()
+        return self._spec
+
+    def _read_annotations(self) -> tuple[SPairSplit, Path, str]:
+        """:meth:`_annotations`, read now."""
         if not self.root.is_dir():
             raise DataError(
                 f"{self.root}: the SPair-71k folder does not exist. Download it with "
                 f"`guided-flow download spair --root {self.root}`"
             )
-        annotations = read_split(self.root, self.split, self.with_masks)
+        annotations = read_split(self.root, self.split, self.with_masks, self.policy)
         files = [f"Layout/large/{self.split}.txt"]
         files += [f"PairAnnotation/{self.split}/{name}.json" for name in annotations.names]
         files += [f"JPEGImages/{image}" for image in annotations.images]
@@ -325,18 +391,12 @@ class SPairDataModule(pl.LightningDataModule):
         return annotations, path, key
 
     def _cache_items(self, annotations: SPairSplit) -> Iterator[CacheItem]:
-        """Decode, check and resize every image (and mask) of the split."""
+        """Decode and resize every image (and mask) of the split (their sizes were checked by
+        :func:`read_split`)."""
         size = (self.image_size, self.image_size)
-        for relative, expected, source in zip(
-            annotations.images, annotations.image_sizes, annotations.image_sources, strict=True
-        ):
+        for relative in annotations.images:
             path = self.root / "JPEGImages" / relative
             image = load_image(path)
-            if image.shape[:2] != tuple(expected):
-                raise DataError(
-                    f"{path}: the image is {image.shape[1]} x {image.shape[0]} pixels but "
-                    f"{source} says {expected[1]} x {expected[0]}"
-                )
             mask = None
             if self.with_masks:
                 mask_path = _mask_path(self.root, relative)
@@ -352,13 +412,14 @@ class SPairDataModule(pl.LightningDataModule):
             )
 
     def prepare_data(self) -> None:
-        """Validate every annotation, then build the split's image cache if it is absent or
-        stale (atomically) and check it."""
+        """Validate every annotation (unless done), then build the split's image cache if it is
+        absent or stale (atomically) and check it."""
         annotations, path, key = self._annotations()
         ensure_cache(path, key, lambda: self._cache_items(annotations))
 
     def setup(self, stage: str | None = None) -> None:
-        """Validate every annotation and open the cache built by :meth:`prepare_data`."""
+        """Validate every annotation (unless done) and open the cache built by
+        :meth:`prepare_data`."""
         annotations, path, key = self._annotations()
         cache = ImageCache(path, key)
         if cache.names != annotations.images:

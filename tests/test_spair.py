@@ -77,13 +77,20 @@ def variant(number: int, category: str, src: str, trg: str, **changes) -> dict:
 
 
 def mixed_records() -> list[dict]:
-    """The real pair plus variants with other categories, flags, sizes and keypoint counts."""
+    """The real pair plus variants with other categories, flags, sizes and keypoint counts (every
+    keypoint inside its image)."""
     five = {"src_kps": [[10, 20], [100, 50], [200, 80], [50, 150], [150, 100]]}
     five["trg_kps"] = [[x + 20, y + 10] for x, y in five["src_kps"]]
     return [
         REAL_PAIR,
         variant(
-            2, "aeroplane", "2008_002719", "2009_000001", trg_imsize=[300, 400, 3], truncation=0
+            2,
+            "aeroplane",
+            "2008_002719",
+            "2009_000001",
+            trg_imsize=[300, 400, 3],
+            trg_kps=[[39, 145], [264, 171], [296, 173]],
+            truncation=0,
         ),
         variant(3, "cat", "2010_000001", "2010_000002", **five, viewpoint_variation=2, occlusion=1),
         variant(
@@ -91,8 +98,8 @@ def mixed_records() -> list[dict]:
             "dog",
             "2011_000001",
             "2011_000001",
-            src_imsize=[320, 240, 3],
-            trg_imsize=[320, 240, 3],
+            src_imsize=[500, 240, 3],
+            trg_imsize=[500, 240, 3],
             src_bndbox=[5, 5, 300, 200],
             trg_bndbox=[0, 0, 250, 230],
             scale_variation=1,
