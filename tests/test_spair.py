@@ -310,3 +310,29 @@ def test_missing_root_says_how_to_download(tmp_path):
     assert str(tmp_path / "nowhere") in str(error.value)
     with pytest.raises(ConfigError, match="trn, val, test"):
         data_module(tmp_path, split="train")
+
+
+@pytest.mark.slow
+def test_guided_flow_test_on_spair_writes_the_tables(tmp_path, capsys):
+    import pytorch_lightning as pl
+
+    from guided_flow.cli import main
+    from guided_flow.stages import MatchingStage
+
+    root = tmp_path / "SPair-71k"
+    write_spair(root, mixed_records())
+    stage = MatchingStage(input_size=160)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(stage)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    config = Path(__file__).resolve().parents[1] / "experiments" / "test_spair.yaml"
+    args = ["test", "--config", str(config), f"--ckpt_path={tmp_path / 'model.ckpt'}"]
+    args += [f"--data.root={root}", f"--data.cache_dir={tmp_path / 'cache'}"]
+    args += [f"--results_dir={tmp_path / 'results'}", "--data.num_workers=0"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert metrics["pairs"] == len(mixed_records())
+    assert {"pck@0.01", "pck@0.05", "pck@0.1", "per_category", "per_difficulty"} <= set(metrics)
+    lines = (tmp_path / "results" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == metrics["pairs"]
+    assert "occlusion" in capsys.readouterr().out  # the per-difficulty table is printed
