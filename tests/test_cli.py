@@ -165,3 +165,20 @@ def test_predict_writes_one_flow_file_per_pair(workdir):
 
     flow = np.load(out / files[0])
     assert flow.shape == (160, 160, 2) and flow.dtype == np.float32 and np.isfinite(flow).all()
+
+
+def test_stage_two_config_switches_to_synthetic_pairs(capsys):
+    from guided_flow.cli import run_lightning
+
+    args = [
+        "fit",
+        "--config",
+        _config("stage2.yaml"),
+        "--data=data_modules.synthetic.SyntheticPairsDataModule",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        run_lightning([*args, "--data.root=/data/pf-pascal", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: data_modules.synthetic.SyntheticPairsDataModule" in printed
+    assert "root: /data/pf-pascal" in printed and "voc_root" not in printed
