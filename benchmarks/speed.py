@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import json
 import os
@@ -160,8 +161,14 @@ def build_model(backbone: str, input_size: int, device: torch.device) -> GuidedF
 
 
 def free_memory() -> None:
-    """Return the memory of the previous measurement (collect, empty the GPU cache)."""
+    """Return the memory of the previous measurement to the system (collect, hand the C heap's
+    free pages back where the C library can, empty the GPU cache), so that the next
+    configuration's resident memory starts from a clean baseline."""
     gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: freed heap memory may stay resident
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -201,8 +208,8 @@ def measure_inference(
     backbone: str, input_size: int, batch: int, device: torch.device
 ) -> dict[str, Any]:
     """One entry of ``runs``: backbone, nearest-neighbour and GSF times of one configuration,
-    and the resident memory before it (``rss_before_mb``) and at its peak (``peak_rss_mb``: the
-    model, its inputs and the largest of its three passes)."""
+    and the resident memory before it (``rss_before_mb``) and at its peak (``peak_rss_mb``: plus
+    the model, ``model_mb`` of weights, its inputs and the largest of its passes)."""
     rss_before = MEMORY.start()
     model = build_model(backbone, input_size, device)
     predictor = FlowPredictor(model)  # the default InferenceOptions, applied to ``model``
@@ -244,6 +251,11 @@ def measure_inference(
             "pairs_per_s": round(1000.0 * batch / times["gsf"], 3),
             "components_ms_per_pair": components,
             "volume_mb_per_pair": round(cells * cells * 4 / 2**20, 3),
+            "model_mb": round(
+                sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+                / 2**20,
+                1,
+            ),
             "gsf_networks_params_m": round(
                 sum(p.numel() for net in networks for p in net.parameters()) / 1e6, 3
             ),

@@ -35,19 +35,22 @@ OUTPUT_NAME = "flow_s2t"
 @dataclass(frozen=True)
 class InferenceOptions:
     """How :class:`FlowPredictor` runs; the defaults are the settings that won in
-    ``benchmarks/speed.py`` (2-core AVX-512 CPU, 320 px; see ``benchmarks/results``).
+    ``benchmarks/speed.py`` (2-core AVX-512 CPU, 2 threads, 320 px, batch 1; the figures below
+    are GSF pairs per second against plain float32 under ``torch.inference_mode``, ResNet-101 /
+    EfficientNet-Lite0, from ``benchmarks/results/speed_after_cpu_2threads_full.json``).
 
     Attributes:
         channels_last: weights and activations in channels-last layout. At batch 1 PyTorch sends
             the networks' convolutions of small maps (3 x 3 to 10 x 10) to its slow im2col
             kernel in the default layout and to oneDNN in this one: the GSF networks run about
-            30 % faster (EfficientNet-Lite0 features 20 %), with the same flow to float
-            rounding; neutral at batch 8. On by default.
-        bf16: bfloat16 autocast. About 1.8x faster on this CPU (it has AVX-512 BF16), but the
-            flow moves (mean 0.3 px, up to tens of pixels where the confident set Q' > rho
+            30 % faster and the whole pair 1.09x / 1.26x, with the same flow to float rounding;
+            neutral at batch 8. On by default.
+        bf16: bfloat16 autocast: 1.7x / 1.4x on this CPU (it has AVX-512 BF16), but the flow
+            moves (mean 0.3-0.4 px, up to tens of pixels where the confident set Q' > rho
             changes), so it is opt-in.
-        compile: ``torch.compile`` the forward: the same flow, about 1.7x faster at batch 1 once
-            compiled, after a first call of half a minute or more. Opt-in.
+        compile: ``torch.compile`` the forward: the same flow, 1.14x / 1.42x once compiled; the
+            first call compiles for about half a minute (seconds when the compile cache is
+            warm). Opt-in.
     """
 
     channels_last: bool = True
