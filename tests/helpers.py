@@ -24,3 +24,14 @@ def shifted_pair(
         :, :, max(-sy, 0) : h - max(sy, 0), max(-sx, 0) : w - max(sx, 0)
     ]
     return source, target
+
+
+def save_stage_checkpoint(stage, path):
+    """Write ``stage`` (a guided-flow LightningModule) as a Lightning checkpoint at ``path``, as a
+    trained run would, without training it. Returns ``path``."""
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(stage)
+    trainer.save_checkpoint(path)
+    return path

@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from guided_flow.cli import main
 from guided_flow.stages import PruningStage
+from tests.helpers import save_stage_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -38,10 +38,7 @@ def test_fit_both_stages_with_fast_dev_run(workdir):
     assert main(args + SMALL) == 0
     # fast_dev_run writes no checkpoint: make the stage-1 checkpoint stage 2 starts from
     stage1 = PruningStage(input_size=160)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(stage1)
-    checkpoint = workdir / "stage1.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = save_stage_checkpoint(stage1, workdir / "stage1.ckpt")
     args = ["fit", "--config", _config("demo_stage2.yaml"), "--trainer.fast_dev_run=true", cache]
     assert main(args + SMALL + [f"--model.init_checkpoint={checkpoint}"]) == 0
 
@@ -49,10 +46,7 @@ def test_fit_both_stages_with_fast_dev_run(workdir):
 @pytest.mark.slow
 def test_test_command_takes_the_model_from_the_checkpoint(workdir):
     stage = PruningStage(input_size=160, rho=0.8, c_p=2.0)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(stage)
-    checkpoint = workdir / "any.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = save_stage_checkpoint(stage, workdir / "any.ckpt")
     results = workdir / "results"
     args = [
         "test",
@@ -128,10 +122,7 @@ def test_cli_saves_primitive_hyper_parameters(workdir):
 
 def test_stage_two_with_a_mismatched_init_checkpoint_stops_before_data_work(workdir):
     stage = PruningStage(input_size=160)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(stage)
-    checkpoint = workdir / "stage1_160.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = save_stage_checkpoint(stage, workdir / "stage1_160.ckpt")
     cache = workdir / "cache"
     args = ["fit", "--config", _config("demo_stage2.yaml"), f"--data.cache_dir={cache}"]
     assert main(args + [f"--model.init_checkpoint={checkpoint}"]) == 2
@@ -142,10 +133,7 @@ def test_stage_two_with_a_mismatched_init_checkpoint_stops_before_data_work(work
 @pytest.mark.slow
 def test_predict_writes_one_flow_file_per_pair(workdir):
     stage = PruningStage(input_size=160)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(stage)
-    checkpoint = workdir / "model.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = save_stage_checkpoint(stage, workdir / "model.ckpt")
     out = workdir / "flows"
     args = [
         "predict",

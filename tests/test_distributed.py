@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 
 from guided_flow.stages import MatchingStage
+from tests.helpers import save_stage_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "experiments" / "demo_stage2.yaml")
@@ -33,9 +33,7 @@ def _processes(count: int) -> list[str]:
 @pytest.mark.slow
 def test_test_metrics_of_two_processes_equal_one(tmp_path):
     stage = MatchingStage(input_size=160)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(stage)
-    trainer.save_checkpoint(tmp_path / "stage2.ckpt")
+    save_stage_checkpoint(stage, tmp_path / "stage2.ckpt")
     results = {}
     for count in (1, 2):
         args = [
