@@ -43,6 +43,7 @@ from data_modules.pf_pascal import (
     cached_image,
     find_pair_list,
     original_sizes,
+    pair_meta,
     paired_points,
     parse_class,
     parse_numbers,
@@ -139,16 +140,14 @@ class CaltechDataset(Dataset):
             "target_mask": masks[1],
             "category": CALTECH_CATEGORIES[p.category_ids[index]],
             "index": index,
-            "meta": {
-                "pair_name": p.names[index],
-                "source_file": p.images[rows[0]],
-                "target_file": p.images[rows[1]],
-                "category_id": int(p.category_ids[index]),
-                "source_size": sizes[0],
-                "target_size": sizes[1],
-                "source_polygon": torch.from_numpy(polygons[0]),
-                "target_polygon": torch.from_numpy(polygons[1]),
-            },
+            "meta": pair_meta(
+                p,
+                index,
+                rows,
+                sizes,
+                source_polygon=torch.from_numpy(polygons[0]),
+                target_polygon=torch.from_numpy(polygons[1]),
+            ),
         }
 
 

@@ -293,6 +293,23 @@ def original_sizes(pairs: PairList, cache: ImageCache, index: int) -> torch.Tens
     return torch.from_numpy(cache.original_sizes[pairs.image_ids[index]])
 
 
+def pair_meta(
+    pairs: PairList, index: int, rows: Sequence[int], sizes: torch.Tensor, **extra: Any
+) -> dict[str, Any]:
+    """The ``meta`` every pair-list item carries: name, source and target files (image rows
+    ``rows``, in serving order), category id and original sizes ``sizes`` (``2 x 2`` (H, W)),
+    plus the benchmark's ``extra`` fields."""
+    return {
+        "pair_name": pairs.names[index],
+        "source_file": pairs.images[rows[0]],
+        "target_file": pairs.images[rows[1]],
+        "category_id": int(pairs.category_ids[index]),
+        "source_size": sizes[0],
+        "target_size": sizes[1],
+        **extra,
+    }
+
+
 class KeypointPairsDataset(Dataset):
     """Pairs with keypoints for PCK (PF-PASCAL val/test, PF-WILLOW); items follow the batch
     schema, with ``meta``: ``pair_name``, ``source_file``, ``target_file``, ``category_id``,
@@ -329,7 +346,6 @@ class KeypointPairsDataset(Dataset):
         meta = {"target_size": sizes[1:], "target_kps": kps[1:]}
         ones = torch.ones(1, 2, dtype=torch.float64)
         bound = pck_bound(meta, valid[None], self.bound, ones, ones)[0]
-        source_row, target_row = p.image_ids[index]
         return {
             "source_image": to_tensor(images[0]),
             "target_image": to_tensor(images[1]),
@@ -338,18 +354,16 @@ class KeypointPairsDataset(Dataset):
             "kps_valid": valid,
             "category": self.categories[p.category_ids[index]],
             "index": index,
-            "meta": {
-                "pair_name": p.names[index],
-                "source_file": p.images[source_row],
-                "target_file": p.images[target_row],
-                "category_id": int(p.category_ids[index]),
-                "source_size": sizes[0],
-                "target_size": sizes[1],
-                "source_kps": kps[0].float(),
-                "target_kps": kps[1].float(),
-                "pck_bound": bound.float(),
-                "flip": flip,
-            },
+            "meta": pair_meta(
+                p,
+                index,
+                p.image_ids[index],
+                sizes,
+                source_kps=kps[0].float(),
+                target_kps=kps[1].float(),
+                pck_bound=bound.float(),
+                flip=flip,
+            ),
         }
 
 
@@ -405,18 +419,16 @@ class MaskedPairsDataset(Dataset):
             "target_image": to_tensor(target.image),
             "category": self.categories[p.category_ids[index]],
             "index": index,
-            "meta": {
-                "pair_name": p.names[index],
-                "source_file": p.images[rows[0]],
-                "target_file": p.images[rows[1]],
-                "category_id": int(p.category_ids[index]),
-                "source_size": sizes[0],
-                "target_size": sizes[1],
-                "flip": applied.flipped,
-                "swap": applied.swapped,
-                "source_has_mask": source_has,
-                "target_has_mask": target_has,
-            },
+            "meta": pair_meta(
+                p,
+                index,
+                rows,
+                sizes,
+                flip=applied.flipped,
+                swap=applied.swapped,
+                source_has_mask=source_has,
+                target_has_mask=target_has,
+            ),
         }
         if self.with_masks:
             item["source_mask"] = torch.from_numpy(source.mask.copy())[None].float()
