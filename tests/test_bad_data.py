@@ -19,6 +19,7 @@ from PIL import Image
 from guided_flow.cli import main
 from guided_flow.errors import DataError
 from guided_flow.stages import MatchingStage
+from tests.helpers import save_stage_checkpoint
 from tests.test_caltech import caltech_row, write_caltech
 from tests.test_caltech import data_module as caltech_module
 from tests.test_caltech import image as caltech_image
@@ -248,10 +249,7 @@ def test_the_cli_writes_the_count_or_stops_with_one_line(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     layout = pf_pascal_layout(tmp_path / "pf", "truncated image")
     stage = MatchingStage(backbone="resnet18", weights="none", input_size=INPUT)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(stage)
-    checkpoint = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     args = [
         "test",
         "--config",

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from data_modules.caltech import CALTECH_CATEGORIES, CaltechDataModule
@@ -24,6 +23,7 @@ from guided_flow.mask_metrics import (
     rasterise_polygon,
 )
 from guided_flow.stages import MatchingStage
+from tests.helpers import save_stage_checkpoint
 from tests.test_pf_pascal import INPUT, affine_flow, write_image
 
 HEADER = "source_image,target_image,class,XA,YA,XB,YB"
@@ -270,9 +270,7 @@ def test_the_test_config_writes_the_three_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     translated_layout(tmp_path / "caltech")
     stage = MatchingStage(backbone="resnet18", weights="none", input_size=INPUT)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(stage)
-    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     results = tmp_path / "results"
     args = [
         "test",

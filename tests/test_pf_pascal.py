@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import scipy.io
 import torch
 from PIL import Image
@@ -22,6 +21,7 @@ from guided_flow.errors import DataError
 from guided_flow.evaluation import KeypointEvaluator
 from guided_flow.imaging import denormalise
 from guided_flow.stages import MatchingStage
+from tests.helpers import save_stage_checkpoint
 
 INPUT = 64
 IMAGES = "PF-dataset-PASCAL/JPEGImages"
@@ -539,9 +539,7 @@ def test_the_test_config_writes_the_spair_outputs(tmp_path, monkeypatch):
     root = tmp_path / "pf"
     write_layout(root, test=[keypoint_row("2009_000001", "2009_000001", "cat", points, points)])
     stage = MatchingStage(backbone="resnet18", weights="none", input_size=INPUT)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(stage)
-    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     results = tmp_path / "results"
     args = [
         "test",

@@ -16,6 +16,7 @@ from data_modules.spair import CATEGORIES, DIFFICULTY_NAMES, SPairDataModule
 from guided_flow.errors import ConfigError, DataError
 from guided_flow.evaluation import KeypointEvaluator
 from guided_flow.imaging import denormalise
+from tests.helpers import save_stage_checkpoint
 
 # The real annotation of SPair-71k test pair 1 (PairAnnotation/test/<name>.json).
 REAL_PAIR = json.loads(
@@ -314,7 +315,6 @@ def test_missing_root_says_how_to_download(tmp_path):
 
 @pytest.mark.slow
 def test_guided_flow_test_on_spair_writes_the_tables(tmp_path, capsys):
-    import pytorch_lightning as pl
 
     from guided_flow.cli import main
     from guided_flow.stages import MatchingStage
@@ -322,9 +322,7 @@ def test_guided_flow_test_on_spair_writes_the_tables(tmp_path, capsys):
     root = tmp_path / "SPair-71k"
     write_spair(root, mixed_records())
     stage = MatchingStage(input_size=160)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(stage)
-    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     config = Path(__file__).resolve().parents[1] / "experiments" / "test_spair.yaml"
     args = ["test", "--config", str(config), f"--ckpt_path={tmp_path / 'model.ckpt'}"]
     args += [f"--data.root={root}", f"--data.cache_dir={tmp_path / 'cache'}"]

@@ -8,6 +8,7 @@ from guided_flow.errors import ConfigError
 from guided_flow.imaging import normalise, resize_image
 from guided_flow.stages import MatchingStage, PruningStage, load_stage_weights
 from guided_flow.synthetic_warps import sample_warp_params, synthesize_pairs
+from tests.helpers import save_stage_checkpoint
 
 SIZE = 160
 
@@ -75,15 +76,11 @@ def test_stage_two_trains_pruning_matching_and_the_last_backbone_block():
 
 
 def test_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
-    import pytorch_lightning as pl
 
     first = PruningStage(input_size=SIZE)
     with torch.no_grad():
         first.model.pruning_net.body.conv8.bias.fill_(3.0)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(first)
-    path = tmp_path / "stage1.ckpt"
-    trainer.save_checkpoint(path)
+    path = save_stage_checkpoint(first, tmp_path / "stage1.ckpt")
     second = MatchingStage(input_size=SIZE, init_checkpoint=str(path))
     second.setup("fit")
     assert (second.model.pruning_net.body.conv8.bias == 3.0).all()
