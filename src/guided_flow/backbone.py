@@ -293,7 +293,9 @@ class FeatureExtractor(nn.Module):
         self.name = name
         self.weights = weights
         self.feature_layers = tuple(sorted(layers))
-        self.out_channels = sum(_out_channels(trunk.units[i]) for i in self.feature_layers)
+        self.layer_channels = tuple(_out_channels(trunk.units[i]) for i in self.feature_layers)
+        """Channels of each feature layer, in the order they are concatenated (shallow first)."""
+        self.out_channels = sum(self.layer_channels)
         self.trunk = trunk.module
         self._stem = trunk.stem
         self._units = trunk.units

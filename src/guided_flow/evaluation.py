@@ -216,14 +216,15 @@ class KeypointEvaluator(nn.Module):
         results_dir: str | os.PathLike,
         pair_names: Sequence[str],
         run_info: Mapping | None = None,
+        extra_metrics: Mapping | None = None,
     ) -> dict:
         """Gather the results and write, atomically, into ``results_dir``: ``metrics.json``
-        (metric values only), ``predictions.jsonl`` (one line per pair in index order, keypoints
-        in annotation order and in the compared resolution) and ``run.json`` (the options plus
-        ``run_info``). Every process must call it; only process 0 writes. ``pair_names`` is
-        indexed by the pairs' ``index``. Returns the metrics dict."""
+        (metric values only, plus ``extra_metrics``), ``predictions.jsonl`` (one line per pair
+        in index order, keypoints in annotation order and in the compared resolution) and
+        ``run.json`` (the options plus ``run_info``). Every process must call it; only process 0
+        writes. ``pair_names`` is indexed by the pairs' ``index``. Returns the metrics dict."""
         records = self.pck.records()
-        metrics = self.pck.summary(records)
+        metrics = {**self.pck.summary(records), **(extra_metrics or {})}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_rank() != 0:
                 return metrics

@@ -81,13 +81,17 @@ def matching_loss(
 ) -> torch.Tensor:
     """L_M = mean_i -log softmax over m in M_i of <F^s_i, [tau o F^t]_m> / temperature, at m = i.
 
-    ``[tau o F^t]`` is F^t warped onto the source grid by tau (``B x 2 x h x w`` cells); the window
-    M_i (``window x window``) is centred at i, its centre is the positive, the rest negatives.
-    Window positions outside the grid are left out of the softmax.
+    ``[tau o F^t]`` is F^t warped onto the source grid by tau (``B x 2 x h x w`` cells) and
+    re-normalised to unit length (proposed formulation): a bilinear blend of two unit vectors is
+    shorter than either, so without re-normalisation the score is linear in the blend and always
+    peaks at a cell centre, and the loss prefers the integer nearest-neighbour flow to the true
+    sub-cell one; with it the score is a cosine, which can peak between cells (README, decisions).
+    The window M_i (``window x window``) is centred at i, its centre is the positive, the rest
+    negatives. Window positions outside the grid are left out of the softmax.
     """
     b, d, h, w = source_features.shape
     n = window * window
-    warped = warp_by_flow(target_features, flow)
+    warped = F.normalize(warp_by_flow(target_features, flow), dim=1, eps=EPS)
     neighbours = F.unfold(warped, window, padding=window // 2).view(b, d, n, h * w)
     scores = torch.einsum("bdk,bdnk->bnk", source_features.reshape(b, d, h * w), neighbours)
     inside = F.unfold(warped.new_ones(1, 1, h, w), window, padding=window // 2).view(1, n, h * w)
@@ -98,10 +102,16 @@ def matching_loss(
     return _masked_mean(nll, source_mask)
 
 
-def smoothness_loss(flow: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
+def smoothness_loss(
+    flow: torch.Tensor, source_mask: torch.Tensor | None = None, pixels_per_cell: float = 1.0
+) -> torch.Tensor:
     """L_sm = mean first-order L1 difference of tau over 4-neighbours:
     (mean_x ||tau(x+1, y) - tau(x, y)||_1 + mean_y ||tau(x, y+1) - tau(x, y)||_1) / 2, where
-    ||.||_1 sums the two flow components. With a mask only pairs of foreground cells count."""
+    ||.||_1 sums the two flow components, with tau (``B x 2 x h x w`` cells) measured in pixels
+    (``pixels_per_cell``, the backbone stride; the unit is a proposed formulation: with the
+    authors' weight 0.1 it balances L_M, see README, decisions). With a mask only pairs of
+    foreground cells count."""
+    flow = flow * pixels_per_cell
     dx = (flow[..., :, 1:] - flow[..., :, :-1]).abs().sum(dim=1, keepdim=True)
     dy = (flow[..., 1:, :] - flow[..., :-1, :]).abs().sum(dim=1, keepdim=True)
     if source_mask is None:

@@ -10,6 +10,7 @@ Batches follow the project's one schema (DESIGN.md): synthetic batches carry a d
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping
@@ -27,18 +28,21 @@ from guided_flow.evaluation import KeypointEvaluator
 from guided_flow.flow_io import atomic_open
 from guided_flow.geometry import flow_cells_to_pixels
 from guided_flow.mask_metrics import MaskTransferEvaluator, is_mask_transfer_batch
-from guided_flow.matching import argmax_flow
+from guided_flow.matching import EPS, argmax_flow
 from guided_flow.metrics import DEFAULT_ALPHAS, DenseFlowMetric
 from guided_flow.model import FlowOutput, GuidedFlowModel, check_hyper_parameters
 from guided_flow.visual import pair_panel
 from guided_flow.viz import save_png
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
 NONFINITE_POLICIES = ("stop", "skip")
 GEO_WEIGHTINGS = ("confidence", "uniform")
-# The dense predictors reported on synthetic pairs: the method's stages from nothing to tau.
-DENSE_PREDICTORS = ("identity", "argmax", "guidance", "gsf")
+MATCH_FEATURES = ("finest", "all")
+# The predictors reported at test time: the method's stages from nothing to tau, and tau of the
+# untrained model (with ``compare_untrained``).
+PREDICTORS = ("identity", "argmax", "guidance", "gsf")
+UNTRAINED = "gsf_untrained"
 
 
 class NonFiniteLossError(GuidedFlowError):
@@ -69,7 +73,19 @@ class GuidedFlowStage(pl.LightningModule):
 
     Every argument is a plain value so that it reads from the command line
     (``--model.rho 0.9``) and is saved in every checkpoint. ``trainable_blocks=None`` takes the
-    stage's default (stage 1: 0, W_F frozen; stage 2: 1).
+    stage's default (stage 1: 0, W_F frozen; stage 2: 1); ``feature_layers=None`` the backbone's
+    default layers (:class:`~guided_flow.backbone.FeatureExtractor`).
+
+    Optimisation (:meth:`configure_optimizers`): one parameter group per trained part, W_P, W_M
+    and W_F, at ``lr`` times ``pruning_lr_mult``, ``matching_lr_mult`` and ``backbone_lr_mult``;
+    weight decay (decoupled in AdamW) reaches conv and linear weights only, never BatchNorm
+    parameters or biases (conv8_p's bias of 10 included).
+
+    ``match_features``: the features L_M compares, ``"all"`` of them or the ``"finest"`` layer of
+    a hypercolumn (proposed formulation: coarse layers resized to the grid vary too smoothly to
+    rank sub-cell flows; README, decisions). ``compare_untrained``: at test time also score tau of
+    the untrained model (fresh networks and backbone: tau = G' of Q' = sigmoid(10) Q) as
+    ``gsf_untrained``.
     """
 
     stage: int
@@ -80,6 +96,7 @@ class GuidedFlowStage(pl.LightningModule):
         self,
         backbone: str = "efficientnet_lite0",
         weights: str = "imagenet",
+        feature_layers: list[int] | None = None,
         trainable_blocks: int | None = None,
         input_size: int = 320,
         rho: float = 0.9,
@@ -89,18 +106,22 @@ class GuidedFlowStage(pl.LightningModule):
         window_m: int = 5,
         guidance_model: str = "translation",
         lambda_geo: float = 3.0,
-        geo_weighting: str = "confidence",
+        geo_weighting: str = "uniform",
         lambda_m: float = 5.0,
         lambda_sm: float = 0.1,
         temperature: float = 1.0,
+        match_features: str = "finest",
         optimizer: str = "sgd",
         lr: float = 1e-5,
+        pruning_lr_mult: float = 1.0,
+        matching_lr_mult: float = 1.0,
         backbone_lr_mult: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         scheduler: str = "none",
         init_checkpoint: str | None = None,
         on_nonfinite: str = "stop",
+        compare_untrained: bool = False,
     ) -> None:
         super().__init__()
         check_stage_options(**locals())
@@ -108,7 +129,7 @@ class GuidedFlowStage(pl.LightningModule):
             trainable_blocks = self.default_trainable_blocks
         self.save_hyperparameters()
         self.hparams.trainable_blocks = trainable_blocks
-        extractor = FeatureExtractor(backbone, weights, trainable_blocks)
+        extractor = FeatureExtractor(backbone, weights, trainable_blocks, feature_layers)
         if input_size % extractor.stride:
             raise ConfigError(
                 f"input_size={input_size} is invalid: it must be a multiple of the backbone "
@@ -118,9 +139,12 @@ class GuidedFlowStage(pl.LightningModule):
         self.model = GuidedFlowModel(extractor, grid, rho, c_p, c_m, window_n, guidance_model)
         self.evaluation = EvaluationOptions()
         self.dense_metrics = torch.nn.ModuleDict(
-            {name: DenseFlowMetric() for name in DENSE_PREDICTORS}
+            {name: DenseFlowMetric() for name in (*PREDICTORS, UNTRAINED)}
         )
         self.keypoint_evaluator: KeypointEvaluator | None = None
+        # the other predictors' keypoint scores; gsf's are keypoint_evaluator's
+        self.predictor_evaluators = torch.nn.ModuleDict()
+        self._untrained: list[GuidedFlowModel] = []  # a list keeps it out of the state dict
         self.mask_evaluator: MaskTransferEvaluator | None = None
         self.test_results: dict | None = None
         self.skipped_steps = 0  # training steps skipped for a non-finite loss
@@ -175,16 +199,28 @@ class GuidedFlowStage(pl.LightningModule):
             ),
         }
         if self.stage == 2:
+            source_features, target_features = self.match_features(out)
             terms["match"] = losses.matching_loss(
-                out.source_features,
-                out.target_features,
+                source_features,
+                target_features,
                 out.flow,
                 hp.window_m,
                 hp.temperature,
                 source_mask,
             )
-            terms["smooth"] = losses.smoothness_loss(out.flow, source_mask)
+            stride = self.input_size[1] / self.model.grid[1]
+            terms["smooth"] = losses.smoothness_loss(out.flow, source_mask, stride)
         return terms
+
+    def match_features(self, out: FlowOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source and target features L_M compares (``B x D' x h x w``, unit vectors)."""
+        if self.hparams.match_features == "all":
+            return out.source_features, out.target_features
+        channels = self.model.backbone.layer_channels[0]
+        return tuple(
+            F.normalize(features[:, :channels], dim=1, eps=EPS)
+            for features in (out.source_features, out.target_features)
+        )
 
     def total_loss(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         hp = self.hparams
@@ -218,20 +254,26 @@ class GuidedFlowStage(pl.LightningModule):
         return total
 
     # --- validation and test ------------------------------------------------------------------
-    def dense_flows(self, out: FlowOutput, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """``B x 2 x H x W`` pixel flows of each predictor in :data:`DENSE_PREDICTORS`."""
-        return {
+    def predictor_flows(self, batch: Mapping, out: FlowOutput) -> dict[str, torch.Tensor]:
+        """``B x 2 x H x W`` input-pixel flows of each predictor of :data:`PREDICTORS`, and of
+        :data:`UNTRAINED` when ``compare_untrained`` is on."""
+        size = tuple(batch["source_image"].shape[-2:])
+        flows = {
             "identity": torch.zeros_like(out.flow_pixels(size)),
             "argmax": flow_cells_to_pixels(argmax_flow(out.correlation), size),
             "guidance": out.guidance_pixels(size),
             "gsf": out.flow_pixels(size),
         }
+        if self._untrained:
+            untrained = self._untrained[0](batch["source_image"], batch["target_image"])
+            flows[UNTRAINED] = untrained.flow_pixels(size)
+        return flows
 
     def _evaluate(self, batch: Mapping) -> FlowOutput:
         out = self(batch["source_image"], batch["target_image"])
         size = tuple(batch["source_image"].shape[-2:])
         if "flow_s2t" in batch:
-            for name, flow in self.dense_flows(out, size).items():
+            for name, flow in self.predictor_flows(batch, out).items():
                 self.dense_metrics[name].update(
                     batch["index"], flow, batch["flow_s2t"], batch["flow_valid"]
                 )
@@ -240,10 +282,15 @@ class GuidedFlowStage(pl.LightningModule):
             flow_t2s = self(batch["target_image"], batch["source_image"]).flow_pixels(size)
             self._mask_evaluator().update(batch, flow_t2s)
         else:
-            self._keypoint_evaluator().update(batch, out.flow_pixels(size))
+            flows = self.predictor_flows(batch, out)
+            self._keypoint_evaluator().update(batch, flows.pop("gsf"))
+            if self.trainer.testing:
+                for name, flow in flows.items():
+                    self._keypoint_evaluator(name).update(batch, flow)
         return out
 
-    def _keypoint_evaluator(self) -> KeypointEvaluator:
+    def _keypoint_evaluator(self, predictor: str = "gsf") -> KeypointEvaluator:
+        """The keypoint evaluator of ``predictor`` (built on first use, from the data module)."""
         if self.keypoint_evaluator is None:
             datamodule = self.trainer.datamodule
             bound = self.evaluation.pck_bound or getattr(datamodule, "pck_bound", "trg_bbox")
@@ -255,7 +302,11 @@ class GuidedFlowStage(pl.LightningModule):
                 categories=getattr(datamodule, "categories", None),
                 difficulty_names=getattr(datamodule, "difficulty_names", ()),
             ).to(self.device)
-        return self.keypoint_evaluator
+        if predictor == "gsf":
+            return self.keypoint_evaluator
+        if predictor not in self.predictor_evaluators:
+            self.predictor_evaluators[predictor] = copy.deepcopy(self.keypoint_evaluator)
+        return self.predictor_evaluators[predictor]
 
     def _mask_evaluator(self) -> MaskTransferEvaluator:
         if self.mask_evaluator is None:
@@ -279,7 +330,11 @@ class GuidedFlowStage(pl.LightningModule):
         if evaluator is not None:
             results = evaluator.compute()
         else:
-            dense = {name: metric.compute() for name, metric in self.dense_metrics.items()}
+            dense = {
+                name: metric.compute()
+                for name, metric in self.dense_metrics.items()
+                if metric.update_count
+            }
             pairs = dense["gsf"].pop("pairs")
             results = {"pairs": pairs}
             for name, values in dense.items():
@@ -293,6 +348,8 @@ class GuidedFlowStage(pl.LightningModule):
         for evaluator in (self.keypoint_evaluator, self.mask_evaluator):
             if evaluator is not None:
                 evaluator.reset()
+        for evaluator in self.predictor_evaluators.values():
+            evaluator.reset()
 
     def validation_step(self, batch: Mapping, batch_idx: int) -> None:
         out = self._evaluate(batch)
@@ -349,6 +406,9 @@ class GuidedFlowStage(pl.LightningModule):
         results_dir = self._results_dir()
         evaluator = self._benchmark_evaluator()
         if evaluator is not None:
+            extra = None
+            if evaluator is self.keypoint_evaluator:
+                extra = {"predictors": self._predictor_summaries()}
             self.test_results = evaluator.write(
                 results_dir,
                 self.trainer.datamodule.pair_names("test"),
@@ -356,6 +416,7 @@ class GuidedFlowStage(pl.LightningModule):
                     "checkpoint_hparams": dict(self.hparams),
                     "skipped_pairs": getattr(self.trainer.datamodule, "skipped_pairs", 0),
                 },
+                extra,
             )
         else:
             self.test_results = self._results()
@@ -363,29 +424,76 @@ class GuidedFlowStage(pl.LightningModule):
                 write_json(os.path.join(results_dir, "metrics.json"), self.test_results)
         self._reset_metrics()
 
+    def _predictor_summaries(self) -> dict[str, dict]:
+        """``{predictor: {"pairs": N, "pck@a": ...}}`` over the test split, gsf included."""
+        summaries = {"gsf": self.keypoint_evaluator.compute()}
+        summaries.update(
+            {name: evaluator.compute() for name, evaluator in self.predictor_evaluators.items()}
+        )
+        ordered = [name for name in (*PREDICTORS, UNTRAINED) if name in summaries]
+        return {
+            name: {
+                key: value
+                for key, value in summaries[name].items()
+                if key == "pairs" or key.startswith("pck@")
+            }
+            for name in ordered
+        }
+
+    def on_test_start(self) -> None:
+        """Build the untrained model that ``compare_untrained`` scores beside tau."""
+        if self.hparams.compare_untrained and not self._untrained:
+            hp = self.hparams
+            extractor = FeatureExtractor(hp.backbone, hp.weights, 0, hp.feature_layers)
+            model = GuidedFlowModel(
+                extractor, self.model.grid, hp.rho, hp.c_p, hp.c_m, hp.window_n, hp.guidance_model
+            )
+            self._untrained.append(model.to(self.device).eval())
+
+    def on_train_start(self) -> None:
+        """Validate before the first step, so that the untrained model is a checkpoint
+        candidate (a fresh run only: a resumed run has validated before)."""
+        if self.trainer.global_step == 0:
+            validate_before_training(self.trainer)
+
     def predict_step(self, batch: Mapping, batch_idx: int) -> dict[str, torch.Tensor]:
         """``{"index": B, "flow_s2t": B x 2 x H x W}`` input pixels (see callbacks.FlowWriter)."""
         out = self(batch["source_image"], batch["target_image"])
         return {"index": batch["index"], "flow_s2t": out.flow_pixels(self.input_size)}
 
     # --- optimisation -------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        """Optimiser groups: W_P, W_M and W_F, each split into decayed weights and undecayed
+        BatchNorm parameters and biases (1-D tensors); empty groups are left out."""
+        hp = self.hparams
+        parts = (
+            ("pruning", self.model.pruning_net, hp.pruning_lr_mult),
+            ("matching", self.model.matching_net, hp.matching_lr_mult),
+            ("backbone", self.model.backbone, hp.backbone_lr_mult),
+        )
+        groups = []
+        for name, module, mult in parts:
+            trained = [p for p in module.parameters() if p.requires_grad]
+            for decayed, decay in ((True, hp.weight_decay), (False, 0.0)):
+                params = [p for p in trained if (p.ndim > 1) == decayed]
+                if params:
+                    groups.append(
+                        {
+                            "name": f"{name}{'' if decayed else '_no_decay'}",
+                            "params": params,
+                            "lr": hp.lr * mult,
+                            "weight_decay": decay,
+                        }
+                    )
+        return groups
+
     def configure_optimizers(self):
         hp = self.hparams
-        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
-        heads = [
-            p
-            for n, p in self.model.named_parameters()
-            if p.requires_grad and not n.startswith("backbone.")
-        ]
-        groups = [{"params": heads, "lr": hp.lr}]
-        if backbone:
-            groups.append({"params": backbone, "lr": hp.lr * hp.backbone_lr_mult})
+        groups = self.parameter_groups()
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adam":
-            optimizer = torch.optim.Adam(groups, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.SGD(groups, momentum=hp.momentum)
         else:
-            optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.AdamW(groups)
         if hp.scheduler == "none":
             return optimizer
         if hp.scheduler == "cosine":
@@ -421,12 +529,42 @@ def check_stage_options(**options) -> None:
         ("scheduler", SCHEDULERS),
         ("on_nonfinite", NONFINITE_POLICIES),
         ("geo_weighting", GEO_WEIGHTINGS),
+        ("match_features", MATCH_FEATURES),
     ):
         if options[name] not in allowed:
             raise ConfigError(f"{name}={options[name]!r} is invalid: choose one of {allowed}")
-    for name in ("lambda_geo", "lambda_m", "lambda_sm", "lr", "weight_decay", "backbone_lr_mult"):
+    for name in (
+        "lambda_geo", "lambda_m", "lambda_sm", "lr", "weight_decay",
+        "pruning_lr_mult", "matching_lr_mult", "backbone_lr_mult",
+    ):  # fmt: skip
         if options[name] < 0:
             raise ConfigError(f"{name}={options[name]} is invalid: it must be non-negative")
+
+
+def validate_before_training(trainer: pl.Trainer) -> None:
+    """Run the fit's validation loop once before the first training step and offer its result
+    to every monitoring ModelCheckpoint (Lightning skips step 0 on its own), so that training
+    keeps the untrained weights unless it beats them. Nothing happens without validation
+    batches or under ``fast_dev_run``."""
+    if trainer.fast_dev_run or not trainer.limit_val_batches:
+        return
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    loop.setup_data()
+    if loop.skip:
+        return
+    checkpoints = [cb for cb in trainer.checkpoint_callbacks if cb.monitor is not None]
+    for callback in checkpoints:
+        # Lightning's guard against saving twice at one step also blocks the first save at 0
+        callback._last_global_step_saved = -1
+    first_loop_iter = trainer._logger_connector._first_loop_iter
+    trainer.validating = True
+    loop.run()
+    trainer.training = True
+    trainer._logger_connector._first_loop_iter = first_loop_iter
+    for callback in checkpoints:
+        if callback._last_global_step_saved != trainer.global_step:  # it saves per epoch
+            callback._save_topk_checkpoint(trainer, callback._monitor_candidates(trainer))
+        callback._last_global_step_saved = trainer.global_step
 
 
 def write_json(path: str, content: Mapping) -> None:
