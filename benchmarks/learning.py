@@ -215,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="outputs/cache")
     parser.add_argument("--out", default="benchmarks/results/learning.json")
     parser.add_argument("--plot", default=None, help="write the curves to this PNG")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.OPTION=VALUE",
+        help="override a model option of one stage, e.g. --set stage2.lr=1e-4",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -225,11 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     datamodule.setup("fit")
     held_out = list(batches(datamodule, "test"))
 
+    overrides: dict[str, dict] = {"stage1": {}, "stage2": {}}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        stage_name, _, option = key.partition(".")
+        overrides[stage_name][option] = yaml.safe_load(value)
     untrained = MatchingStage(**model_options("demo_stage2.yaml")).eval()
-    stage1 = PruningStage(**model_options("demo.yaml"))
+    stage1 = PruningStage(**{**model_options("demo.yaml"), **overrides["stage1"]})
     result: dict = {"stage1": train(stage1, batches(datamodule, "train"), held_out,
                                     args.stage1_steps, args.eval_every)}  # fmt: skip
-    stage2 = MatchingStage(**model_options("demo_stage2.yaml"))
+    stage2 = MatchingStage(**{**model_options("demo_stage2.yaml"), **overrides["stage2"]})
     stage2.load_state_dict(stage1.state_dict())
     result["stage2"] = train(
         stage2, batches(datamodule, "train"), held_out, args.stage2_steps, args.eval_every

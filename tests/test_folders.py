@@ -186,3 +186,30 @@ def test_root_without_a_two_image_category_raises(root, tmp_path):
 def test_bad_options_raise_config_error_naming_them(tmp_path, option, value):
     with pytest.raises(ConfigError, match=option):
         ImageFoldersDataModule(str(tmp_path), **{option: value})
+
+
+@pytest.mark.slow
+def test_finetune_config_trains_stage_two_from_a_checkpoint(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """experiments/finetune_folders.yaml through the CLI: a few steps on the folders, starting
+    from --model.init_checkpoint, write the fine-tuned checkpoint with changed networks."""
+    from guided_flow.cli import main
+    from guided_flow.stages import MatchingStage
+    from tests.helpers import save_stage_checkpoint
+
+    start = save_stage_checkpoint(MatchingStage(input_size=64), tmp_path / "start.ckpt")
+    monkeypatch.chdir(tmp_path)  # the config writes under outputs/finetune
+    out = tmp_path / "outputs" / "finetune"
+    config = Path(__file__).resolve().parents[1] / "experiments" / "finetune_folders.yaml"
+    args = ["fit", "--config", str(config), f"--model.init_checkpoint={start}"]
+    args += ["--model.input_size=64", f"--data.root={root}", "--data.image_size=64"]
+    args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.batch_size=2"]
+    args += ["--trainer.max_steps=2", "--trainer.logger=false"]
+    assert main(args) == 0
+    saved = torch.load(out / "finetuned.ckpt", weights_only=True)
+    before = torch.load(start, weights_only=True)["state_dict"]
+    assert saved["global_step"] == 2
+    changed = [k for k, v in saved["state_dict"].items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("model.matching_net.") for k in changed)
+    assert not any(k.startswith("model.backbone.") for k in changed)  # trainable_blocks: 0

@@ -321,7 +321,7 @@ def test_guided_flow_test_on_spair_writes_the_tables(tmp_path, capsys):
 
     root = tmp_path / "SPair-71k"
     write_spair(root, mixed_records())
-    stage = MatchingStage(input_size=160)
+    stage = MatchingStage(input_size=160, compare_untrained=True)
     save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     config = Path(__file__).resolve().parents[1] / "experiments" / "test_spair.yaml"
     args = ["test", "--config", str(config), f"--ckpt_path={tmp_path / 'model.ckpt'}"]
@@ -331,6 +331,18 @@ def test_guided_flow_test_on_spair_writes_the_tables(tmp_path, capsys):
     metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
     assert metrics["pairs"] == len(mixed_records())
     assert {"pck@0.01", "pck@0.05", "pck@0.1", "per_category", "per_difficulty"} <= set(metrics)
+    predictors = metrics["predictors"]
+    assert list(predictors) == ["identity", "argmax", "guidance", "gsf", "gsf_untrained"]
+    keys = {"pairs", "pck@0.01", "pck@0.05", "pck@0.1"}
+    assert all(set(row) == keys for row in predictors.values())
+    assert all(predictors["gsf"][key] == metrics[key] for key in keys)
+    # an untrained checkpoint: tau is G', and the freshly built untrained model agrees
+    assert predictors["gsf_untrained"] == predictors["guidance"] == predictors["gsf"]
+    zero_flow = evaluate(
+        data_module(root, cache_dir=str(tmp_path / "cache64")),
+        lambda b: torch.zeros(len(b["index"]), 2, INPUT, INPUT),
+    ).compute()
+    assert predictors["identity"] == {key: zero_flow[key] for key in keys}
     lines = (tmp_path / "results" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == metrics["pairs"]
     assert "occlusion" in capsys.readouterr().out  # the per-difficulty table is printed

@@ -10,7 +10,6 @@ Batches follow the project's one schema (DESIGN.md): synthetic batches carry a d
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Mapping
@@ -291,22 +290,26 @@ class GuidedFlowStage(pl.LightningModule):
 
     def _keypoint_evaluator(self, predictor: str = "gsf") -> KeypointEvaluator:
         """The keypoint evaluator of ``predictor`` (built on first use, from the data module)."""
-        if self.keypoint_evaluator is None:
-            datamodule = self.trainer.datamodule
-            bound = self.evaluation.pck_bound or getattr(datamodule, "pck_bound", "trg_bbox")
-            self.keypoint_evaluator = KeypointEvaluator(
-                pck_bound=bound,
-                eval_resolution=self.evaluation.eval_resolution,
-                kps_sampling=self.evaluation.kps_sampling,
-                alphas=getattr(datamodule, "alphas", DEFAULT_ALPHAS),
-                categories=getattr(datamodule, "categories", None),
-                difficulty_names=getattr(datamodule, "difficulty_names", ()),
-            ).to(self.device)
         if predictor == "gsf":
+            if self.keypoint_evaluator is None:
+                self.keypoint_evaluator = self._new_keypoint_evaluator()
             return self.keypoint_evaluator
         if predictor not in self.predictor_evaluators:
-            self.predictor_evaluators[predictor] = copy.deepcopy(self.keypoint_evaluator)
+            self.predictor_evaluators[predictor] = self._new_keypoint_evaluator()
         return self.predictor_evaluators[predictor]
+
+    def _new_keypoint_evaluator(self) -> KeypointEvaluator:
+        """An empty keypoint evaluator with the attached data module's protocol."""
+        datamodule = self.trainer.datamodule
+        bound = self.evaluation.pck_bound or getattr(datamodule, "pck_bound", "trg_bbox")
+        return KeypointEvaluator(
+            pck_bound=bound,
+            eval_resolution=self.evaluation.eval_resolution,
+            kps_sampling=self.evaluation.kps_sampling,
+            alphas=getattr(datamodule, "alphas", DEFAULT_ALPHAS),
+            categories=getattr(datamodule, "categories", None),
+            difficulty_names=getattr(datamodule, "difficulty_names", ()),
+        ).to(self.device)
 
     def _mask_evaluator(self) -> MaskTransferEvaluator:
         if self.mask_evaluator is None:
