@@ -29,7 +29,10 @@ SIZE = 64
 
 
 def make_datamodule(cache_dir: Path, **kwargs: Any) -> SyntheticPairsDataModule:
-    options = {"image_size": SIZE, "batch_size": 4, "val_pairs": 6, "test_pairs": 5}
+    options = {
+        "image_size": SIZE, "batch_size": 4, "val_pairs": 6, "test_pairs": 5,
+        "val_images": 1, "test_images": 1,
+    }  # fmt: skip
     datamodule = SyntheticPairsDataModule(cache_dir=str(cache_dir), **(options | kwargs))
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -75,24 +78,26 @@ def test_batches_follow_the_pair_schema(skimage_cache: Path) -> None:
 
 
 def test_splits_hold_out_whole_images(skimage_cache: Path) -> None:
-    datamodule = make_datamodule(skimage_cache, val_images=1, test_images=1)
+    datamodule = make_datamodule(skimage_cache, val_images=2, test_images=2)
     assert datamodule.cache.names == list(SKIMAGE_PHOTOS)
     names = {split: {datamodule.cache.names[i] for i in dataset.image_ids}
              for split, dataset in datamodule.datasets.items()}
-    assert names["val"] == {"chelsea"} and names["test"] == {"rocket"}
+    assert names["val"] == {"chelsea", "camera"} and names["test"] == {"astronaut", "coffee"}
     assert {"motorcycle_left", "motorcycle_right"} <= names["train"]
     assert not names["train"] & (names["val"] | names["test"])
     assert [len(datamodule.datasets[s]) for s in ("train", "val", "test")] == [1000, 6, 5]
-    assert first_batch(datamodule, "test")["meta"]["image_name"] == ["rocket"] * 4
+    assert first_batch(datamodule, "test")["meta"]["image_name"] == ["astronaut", "coffee"] * 2
 
 
 def test_validation_pairs_are_identical_across_instances(tmp_path: Path) -> None:
-    first = first_batch(make_datamodule(tmp_path / "a", val_images=2), "val")
-    second = first_batch(make_datamodule(tmp_path / "b", val_images=2), "val")
+    first = first_batch(make_datamodule(tmp_path / "a", val_images=2, test_images=2), "val")
+    second = first_batch(make_datamodule(tmp_path / "b", val_images=2, test_images=2), "val")
     for key in ("source_image", "target_image", "flow_s2t", "flow_valid"):
         assert torch.equal(first[key], second[key]), key
-    assert first["meta"]["image_name"] == ["coffee", "chelsea", "coffee", "chelsea"]
-    other_seed = first_batch(make_datamodule(tmp_path / "a", val_images=2, seed=1), "val")
+    assert first["meta"]["image_name"] == ["chelsea", "camera", "chelsea", "camera"]
+    other_seed = first_batch(
+        make_datamodule(tmp_path / "a", val_images=2, test_images=2, seed=1), "val"
+    )
     assert not torch.allclose(other_seed["flow_s2t"], first["flow_s2t"])
 
 
@@ -223,7 +228,7 @@ def test_bad_options_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="min_scale"):
         SyntheticPairsDataModule(min_scale=1.5)
     with pytest.raises(ConfigError, match="keep one for training"):
-        make_datamodule(tmp_path / "cache", val_images=3, test_images=3)
+        make_datamodule(tmp_path / "cache", val_images=5, test_images=5)
 
 
 def test_image_files_and_normalisation(tmp_path: Path) -> None:

@@ -409,9 +409,9 @@ class GuidedFlowStage(pl.LightningModule):
         results_dir = self._results_dir()
         evaluator = self._benchmark_evaluator()
         if evaluator is not None:
-            extra = None
+            extra = {}
             if evaluator is self.keypoint_evaluator:
-                extra = {"predictors": self._predictor_summaries()}
+                extra["extra_metrics"] = {"predictors": self._predictor_summaries()}
             self.test_results = evaluator.write(
                 results_dir,
                 self.trainer.datamodule.pair_names("test"),
@@ -419,7 +419,7 @@ class GuidedFlowStage(pl.LightningModule):
                     "checkpoint_hparams": dict(self.hparams),
                     "skipped_pairs": getattr(self.trainer.datamodule, "skipped_pairs", 0),
                 },
-                extra,
+                **extra,
             )
         else:
             self.test_results = self._results()
@@ -549,7 +549,7 @@ def validate_before_training(trainer: pl.Trainer) -> None:
     to every monitoring ModelCheckpoint (Lightning skips step 0 on its own), so that training
     keeps the untrained weights unless it beats them. Nothing happens without validation
     batches or under ``fast_dev_run``."""
-    if trainer.fast_dev_run or not trainer.limit_val_batches:
+    if trainer.fast_dev_run or not trainer.enable_validation:
         return
     loop = trainer.fit_loop.epoch_loop.val_loop
     loop.setup_data()
