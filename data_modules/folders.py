@@ -44,11 +44,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_modules.augment import AugmentConfig, PairAugmenter, View
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
-from data_modules.pf_pascal import to_tensor
+from data_modules.pf_pascal import masked_cache_item, to_tensor
 from data_modules.sampling import EpochShuffleSampler
 from data_modules.synthetic import IMAGE_SUFFIXES
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.imaging import load_image, resize_image
+from guided_flow.imaging import load_image
 
 _RESIZE_RECIPE = "pil-bilinear-square+nearest-mask"  # part of the fingerprint
 MASK_MODES = frozenset({"1", "L", "P"})
@@ -282,27 +282,14 @@ class ImageFoldersDataModule(pl.LightningDataModule):
         size = (self.image_size, self.image_size)
         for relative in self.folders.images:
             image = load_image(self.root / relative)
-            mask, extra = None, {}
+            labels, path = None, None
             if self.mask_dir is not None:
                 path = mask_file(self.mask_dir, relative)
-                has_mask = path.is_file()
-                foreground = np.ones(image.shape[:2], dtype=np.uint8)
-                if has_mask:
-                    foreground = read_mask(path)
-                    if foreground.shape != image.shape[:2]:
-                        raise DataError(
-                            f"{path}: mask size {foreground.shape[::-1]} differs from its image "
-                            f"{self.root / relative} ({image.shape[1]} x {image.shape[0]})"
-                        )
-                mask = resize_image(foreground, size, interpolation="nearest")
-                extra = {"has_mask": np.array(has_mask, dtype=np.uint8)}
-            yield CacheItem(
-                name=relative,
-                image=resize_image(image, size),
-                original_size=(image.shape[0], image.shape[1]),
-                mask=mask,
-                extra=extra,
-            )
+                if path.is_file():
+                    labels = read_mask(path)
+                else:
+                    labels, path = np.ones(image.shape[:2], dtype=np.uint8), None
+            yield masked_cache_item(self.root, relative, image, size, labels, path)
 
     def prepare_data(self) -> None:
         """Scan the folders and build the image cache when it is absent or stale (Lightning: once

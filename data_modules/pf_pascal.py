@@ -283,6 +283,36 @@ def cached_image(cache: ImageCache, row: int) -> tuple[np.ndarray, np.ndarray | 
     return item["image"], item.get("mask"), has_mask
 
 
+def masked_cache_item(
+    root: Path,
+    relative: str,
+    image: np.ndarray,
+    size: tuple[int, int],
+    labels: np.ndarray | None,
+    mask_path: Path | None,
+) -> CacheItem:
+    """The cache item of image ``root / relative`` (``H x W x 3`` uint8) resized to ``size``,
+    with its label map ``labels`` (``H x W`` uint8, resized nearest; None: the split has no
+    masks) and ``has_mask`` (whether it came from ``mask_path``, a file). A map of another size
+    than its image raises DataError naming both files."""
+    mask, extra = None, {}
+    if labels is not None:
+        if labels.shape != image.shape[:2]:
+            raise DataError(
+                f"{mask_path}: mask size {labels.shape[::-1]} differs from its image "
+                f"{root / relative} ({image.shape[1]} x {image.shape[0]})"
+            )
+        mask = resize_image(labels, size, interpolation="nearest")
+        extra = {"has_mask": np.array(mask_path is not None, dtype=np.uint8)}
+    return CacheItem(
+        name=relative,
+        image=resize_image(image, size),
+        original_size=(image.shape[0], image.shape[1]),
+        mask=mask,
+        extra=extra,
+    )
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """``H x W x 3`` uint8 -> ``3 x H x W`` float, ImageNet-normalised."""
     return normalise(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255)
@@ -562,26 +592,13 @@ class PairsDataModule(SkippedPairsReport, pl.LightningDataModule):
         masks = self.mask_files(split)
         for relative in pairs.images:
             image = load_image(self.root / relative)
-            mask, extra = None, {}
+            labels, mask_path = None, None
             if masks is not None:
                 mask_path = masks(relative)
                 labels = np.zeros(image.shape[:2], dtype=np.uint8)
                 if mask_path is not None:
                     labels = self.load_mask(mask_path)
-                    if labels.shape != image.shape[:2]:
-                        raise DataError(
-                            f"{mask_path}: mask size {labels.shape[::-1]} differs from its image "
-                            f"{self.root / relative} ({image.shape[1]} x {image.shape[0]})"
-                        )
-                mask = resize_image(labels, size, interpolation="nearest")
-                extra = {"has_mask": np.array(mask_path is not None, dtype=np.uint8)}
-            yield CacheItem(
-                name=relative,
-                image=resize_image(image, size),
-                original_size=(image.shape[0], image.shape[1]),
-                mask=mask,
-                extra=extra,
-            )
+            yield masked_cache_item(self.root, relative, image, size, labels, mask_path)
 
     def prepare_data(self) -> None:
         """:meth:`prepare_stage` for the attached trainer's stage (``test`` without one)."""
