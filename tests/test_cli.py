@@ -114,8 +114,10 @@ def test_config_files_parse_and_name_existing_options():
 def test_cli_saves_primitive_hyper_parameters(workdir):
     stage = PruningStage(input_size=160, c_m=2.0)
     assert stage.hparams.c_m == 2.0
+    primitive = (int, float, str, bool, type(None))
     assert all(
-        isinstance(v, (int, float, str, bool, type(None))) for v in stage.hparams.values()
+        isinstance(v, primitive) or (isinstance(v, list) and all(isinstance(x, int) for x in v))
+        for v in stage.hparams.values()
     ), stage.hparams
     assert torch.is_tensor(stage.model.pruning_net.body.conv8.bias)
 

@@ -56,6 +56,11 @@ def test_loss_on_a_fixed_batch_drops_within_50_adam_steps(stage_class, lr):
     assert last <= 0.9 * first, (first, last)
 
 
+def test_checkpoints_record_the_feature_layers_used():
+    assert MatchingStage(input_size=SIZE).hparams.feature_layers == [10, 12, 14]
+    assert MatchingStage(input_size=SIZE, feature_layers=[10]).hparams.feature_layers == [10]
+
+
 def test_stage_one_trains_the_pruning_net_only():
     stage = PruningStage(input_size=SIZE)
     trained = {n for n, p in stage.named_parameters() if p.requires_grad}

@@ -129,6 +129,8 @@ class GuidedFlowStage(pl.LightningModule):
         self.save_hyperparameters()
         self.hparams.trainable_blocks = trainable_blocks
         extractor = FeatureExtractor(backbone, weights, trainable_blocks, feature_layers)
+        # checkpoints record the layers used, not "the default", which may change
+        self.hparams.feature_layers = list(extractor.feature_layers)
         if input_size % extractor.stride:
             raise ConfigError(
                 f"input_size={input_size} is invalid: it must be a multiple of the backbone "
