@@ -259,11 +259,12 @@ class GuidedFlowStage(pl.LightningModule):
         """``B x 2 x H x W`` input-pixel flows of each predictor of :data:`PREDICTORS`, and of
         :data:`UNTRAINED` when ``compare_untrained`` is on."""
         size = tuple(batch["source_image"].shape[-2:])
+        flow = out.flow_pixels(size)
         flows = {
-            "identity": torch.zeros_like(out.flow_pixels(size)),
+            "identity": torch.zeros_like(flow),
             "argmax": flow_cells_to_pixels(argmax_flow(out.correlation), size),
             "guidance": out.guidance_pixels(size),
-            "gsf": out.flow_pixels(size),
+            "gsf": flow,
         }
         if self._untrained:
             untrained = self._untrained[0](batch["source_image"], batch["target_image"])
@@ -283,11 +284,11 @@ class GuidedFlowStage(pl.LightningModule):
             flow_t2s = self(batch["target_image"], batch["source_image"]).flow_pixels(size)
             self._mask_evaluator().update(batch, flow_t2s)
         else:
-            flows = self.predictor_flows(batch, out)
-            self._keypoint_evaluator().update(batch, flows.pop("gsf"))
-            if self.trainer.testing:
-                for name, flow in flows.items():
-                    self._keypoint_evaluator(name).update(batch, flow)
+            # validation scores tau alone; a test also scores the other predictors
+            testing = self.trainer.testing
+            flows = self.predictor_flows(batch, out) if testing else {"gsf": out.flow_pixels(size)}
+            for name, flow in flows.items():
+                self._keypoint_evaluator(name).update(batch, flow)
         return out
 
     def _keypoint_evaluator(self, predictor: str = "gsf") -> KeypointEvaluator:
