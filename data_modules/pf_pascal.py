@@ -55,7 +55,7 @@ from data_modules.bad_pairs import BadPairPolicy, ImageSizes, SkippedPairsReport
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
 from data_modules.sampling import EpochShuffleSampler
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.evaluation import pck_bound, rescale_points, resize_scale
+from guided_flow.evaluation import rescale_points, resize_scale
 from guided_flow.imaging import load_image, normalise, resize_image
 
 VOC_CATEGORIES = (
@@ -344,15 +344,13 @@ class KeypointPairsDataset(Dataset):
     """Pairs with keypoints for PCK (PF-PASCAL val/test, PF-WILLOW); items follow the batch
     schema, with ``meta``: ``pair_name``, ``source_file``, ``target_file``, ``category_id``,
     ``source_size``, ``target_size`` (``2`` (H, W)), ``source_kps``, ``target_kps`` (``K x 2``
-    original pixels, after the pair's flip, zero-padded), ``pck_bound`` (original pixels, the
-    benchmark's ``bound`` of :data:`~guided_flow.evaluation.PCK_BOUNDS`), ``flip`` (bool)."""
+    original pixels, after the pair's flip, zero-padded), ``flip`` (bool). The PCK bound is the
+    evaluator's alone (:func:`~guided_flow.evaluation.pck_bound`)."""
 
-    def __init__(
-        self, pairs: PairList, cache: ImageCache, categories: Sequence[str], bound: str
-    ) -> None:
+    def __init__(self, pairs: PairList, cache: ImageCache, categories: Sequence[str]) -> None:
         if pairs.kps is None or pairs.kps_valid is None:
             raise ValueError(f"{pairs.path}: the pairs have no keypoints")
-        self.pairs, self.cache, self.categories, self.bound = pairs, cache, categories, bound
+        self.pairs, self.cache, self.categories = pairs, cache, categories
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -373,9 +371,6 @@ class KeypointPairsDataset(Dataset):
         kps = torch.from_numpy(kps) * valid[None, :, None]
         scale = resize_scale(sizes, images[0].shape[:2]).unsqueeze(1)  # 2 x 1 x (x, y)
         kps_input = (rescale_points(kps, scale) * valid[None, :, None]).float()
-        meta = {"target_size": sizes[1:], "target_kps": kps[1:]}
-        ones = torch.ones(1, 2, dtype=torch.float64)
-        bound = pck_bound(meta, valid[None], self.bound, ones, ones)[0]
         return {
             "source_image": to_tensor(images[0]),
             "target_image": to_tensor(images[1]),
@@ -391,7 +386,6 @@ class KeypointPairsDataset(Dataset):
                 sizes,
                 source_kps=kps[0].float(),
                 target_kps=kps[1].float(),
-                pck_bound=bound.float(),
                 flip=flip,
             ),
         }
@@ -887,7 +881,7 @@ class PFPascalDataModule(PairsDataModule):
             return MaskedPairsDataset(
                 pairs, cache, VOC_CATEGORIES, PairAugmenter(self.augment), self.masks
             )
-        return KeypointPairsDataset(pairs, cache, VOC_CATEGORIES, self.pck_bound)
+        return KeypointPairsDataset(pairs, cache, VOC_CATEGORIES)
 
     def _pair_keys(self, split: str) -> list[tuple[str, str]] | None:
         """(source, target) of every row of ``split``'s list, or None when it is absent."""

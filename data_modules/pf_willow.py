@@ -135,4 +135,4 @@ class PFWillowDataModule(PairsDataModule):
         )
 
     def make_dataset(self, split: str, pairs: PairList, cache: ImageCache) -> Dataset:
-        return KeypointPairsDataset(pairs, cache, WILLOW_CATEGORIES, self.pck_bound)
+        return KeypointPairsDataset(pairs, cache, WILLOW_CATEGORIES)

@@ -26,8 +26,10 @@ that :mod:`guided_flow.evaluation` scores against:
 - ``source_kps``, ``target_kps``: ``K x 2`` float32 (x, y) original pixels, zero-padded to the
   split's largest keypoint count (``kps_valid`` marks the real ones, annotation order kept);
 - ``source_bbox``, ``target_bbox``: ``4`` float32 (x1, y1, x2, y2) original pixels;
-- ``difficulty``: ``4`` int64, the flags of :data:`DIFFICULTY_NAMES`;
-- ``pck_bound``: float32, the benchmark's bound L = max(w, h) of the target box, original pixels.
+- ``difficulty``: ``4`` int64, the flags of :data:`DIFFICULTY_NAMES`.
+
+The PCK bound (``pck_bound = "trg_bbox"``: L = max(w, h) of the target box) is computed by the
+evaluator alone.
 """
 
 from __future__ import annotations
@@ -298,7 +300,6 @@ class SPairDataset(Dataset):
                 "source_bbox": boxes[0],
                 "target_bbox": boxes[1],
                 "difficulty": torch.from_numpy(a.difficulty[index]),
-                "pck_bound": (boxes[1, 2:] - boxes[1, :2]).max(),
             },
         }
         if source_mask is not None:

@@ -12,6 +12,7 @@ import torch
 
 from data_modules.pf_willow import KEYPOINTS, WILLOW_CATEGORIES, PFWillowDataModule
 from guided_flow.errors import ConfigError, DataError
+from guided_flow.evaluation import pck_bound
 from tests.test_pf_pascal import INPUT, affine_flow, evaluate, write_image
 
 HEADER = ["imageA", "imageB"] + [
@@ -77,7 +78,11 @@ def test_batches_mark_padding_and_the_bound_ignores_it(tmp_path):
     assert meta["target_kps"][0, :3].tolist() == [[12, 22], [55, 66], [120, 35]]
     assert meta["target_kps"][0, 3].tolist() == [0, 0]  # padding is zeroed, never -1
     # the box of the valid target keypoints only: x 12..170, y 22..130 (not -1 or 0)
-    assert meta["pck_bound"].tolist() == [158.0, 44.0]
+    ones = torch.ones(2, 2, dtype=torch.float64)
+    bound = pck_bound(meta, batch["kps_valid"], module.pck_bound, ones, ones)
+    assert bound.tolist() == [158.0, 44.0]
+    # the -1-padding convention stretches the box to (-1, -1): x -1..170, y -1..130
+    assert pck_bound(meta, batch["kps_valid"], "trg_kps_padded", ones, ones)[0].item() == 171.0
     assert module.pck_bound == "trg_kps" and module.alphas == (0.05, 0.1, 0.15)
     assert meta["pair_name"][0] == "000001-car(G)_001-car(G)_002:car(G)"
 

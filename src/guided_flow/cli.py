@@ -1,7 +1,16 @@
 """``guided-flow``: the Lightning CLI (fit, validate, test, predict) plus the project's own tools.
 
 Configuration errors end the command with a one-line message naming the option, before any
-data or model work, and no traceback.
+data or model work, and no traceback. Three behaviours guard against a number other than the one
+asked for:
+
+- ``validate``, ``test`` and ``predict`` need a trained model: ``--ckpt_path`` or
+  ``--model.init_checkpoint``, or the explicit ``--allow_untrained true``;
+- with ``--ckpt_path``, the checkpoint's hyper-parameters rebuild the model, except the test-time
+  options of :data:`TEST_TIME_OPTIONS` given on the command line, which no weight depends on;
+  ``run.json`` lists them under ``test_time_overrides``;
+- ``--run_dir DIR`` puts every output of the run (the trainer's root folder, checkpoint folders,
+  the logger's folder, the results) under ``DIR``, so that sweep trials never share a file.
 """
 
 from __future__ import annotations
@@ -9,15 +18,34 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import uuid
 from dataclasses import dataclass
 
 from pytorch_lightning.cli import LightningCLI
 
 from guided_flow.callbacks import FlowWriter
-from guided_flow.errors import GuidedFlowError
-from guided_flow.evaluation import EVAL_RESOLUTIONS, KPS_SAMPLINGS, PCK_BOUNDS, format_table
-from guided_flow.stages import EvaluationOptions, GuidedFlowStage, write_json
+from guided_flow.errors import ConfigError, GuidedFlowError
+from guided_flow.evaluation import (
+    EVAL_RESOLUTIONS,
+    KPS_SAMPLINGS,
+    PCK_BOUNDS,
+    PCK_PROTOCOLS,
+    format_table,
+    resolve_protocol,
+)
+from guided_flow.stages import EvaluationOptions, GuidedFlowStage, test_metrics, write_json
 
+# Every command with its one-line description, in the order ``guided-flow --help`` lists them.
+COMMANDS = {
+    "fit": "train a stage (stage 1: the pruning net; stage 2: the matching net) from a config",
+    "validate": "score a trained model on a data module's validation pairs",
+    "test": "score a trained model on a benchmark; writes metrics.json, predictions, run.json",
+    "predict": "write the flow of every pair of a data module as .npy files",
+    "match": "dense flow between two images of any size, with figures, in original pixels",
+    "download": "fetch a benchmark (SPair-71k, PF-PASCAL, PF-WILLOW, Caltech-101) or say how",
+    "sweep": "run a W&B grid sweep file locally, one run folder per trial, with a heat map",
+    "export": "export the inference model to TorchScript or ONNX",
+}
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # The project's own commands: name -> module whose ``main(argv) -> int`` runs it.
 TOOL_COMMANDS = {
@@ -26,6 +54,11 @@ TOOL_COMMANDS = {
     "sweep": "guided_flow.sweep",
     "export": "guided_flow.export",
 }
+# Model options that change only G' and C' (no weight depends on them): given on the command
+# line, they override a checkpoint's values.
+TEST_TIME_OPTIONS = ("rho", "c_p", "c_m", "window_n", "guidance_model")
+# Folders that ``--run_dir`` moves: (path of the option in a subcommand's config, what it is).
+RUN_DIR_KEYS = ("trainer.default_root_dir", "results_dir", "predictions_dir", "summary_file")
 
 
 @dataclass(frozen=True)
@@ -49,9 +82,15 @@ PROJECT_OPTIONS = (
     ),
     ProjectOption(
         "eval_resolution",
-        "compare keypoints in original or network-input pixels",
-        "original",
+        "compare keypoints in original (default) or network-input pixels",
+        None,
         EVAL_RESOLUTIONS,
+    ),
+    ProjectOption(
+        "pck_protocol",
+        "a preset of bound and resolution named after the tables that use it (README)",
+        None,
+        tuple(PCK_PROTOCOLS),
     ),
     ProjectOption("kps_sampling", "how the flow is read at a keypoint", "bilinear", KPS_SAMPLINGS),
     ProjectOption(
@@ -59,7 +98,14 @@ PROJECT_OPTIONS = (
         "where `predict` writes flow_s2t_<index>.npy (default: <log dir>/predictions)",
     ),
     ProjectOption(
-        "summary_file", "after `fit`, write the final logged metrics here as JSON (sweeps use it)"
+        "summary_file",
+        "after `fit`, write the best value of each validation metric here as JSON; after "
+        "`test`, the test metrics (sweeps read it)",
+    ),
+    ProjectOption(
+        "run_dir",
+        "put every output of the run under this folder (relative output paths of the config "
+        "are rebased into it); `{run_id}` becomes the W&B run id of a sweep trial or a fresh id",
     ),
 )
 
@@ -82,6 +128,12 @@ class GuidedFlowCLI(LightningCLI):
                 help=option.help,
                 **choices,
             )
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="let validate/test/predict run a model that no checkpoint trained",
+        )
         # A test config may leave the model out: --ckpt_path then supplies the stage and its
         # hyper-parameters.
         parser.set_defaults({"model": {"class_path": "guided_flow.stages.MatchingStage"}})
@@ -92,34 +144,75 @@ class GuidedFlowCLI(LightningCLI):
             apply_on="instantiate",
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        self.command_line = list(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint's hyper-parameters rebuild the model; the test-time options given on
+        the command line then override them."""
+        subcommand = self.config.get("subcommand")
+        overrides = {}
+        if subcommand in LIGHTNING_COMMANDS and self.config[subcommand].get("ckpt_path"):
+            given = command_line_model_options(self.command_line)
+            init_args = self.config[subcommand]["model"].get("init_args") or {}
+            overrides = {name: init_args[name] for name in TEST_TIME_OPTIONS if name in given}
+        super()._parse_ckpt_path()
+        if overrides:
+            model = self.config[subcommand]["model"]
+            for name, value in overrides.items():
+                model["init_args"][name] = value
+        self.test_time_overrides = overrides
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if self.subcommand != "fit":
+            require_trained_model(self.subcommand, config)
+        run_dir = config.get("run_dir")
+        if run_dir:
+            config["run_dir"] = run_dir.replace("{run_id}", run_identifier())
+            move_outputs_into(config, config["run_dir"])
+
     def _configure_evaluation(self) -> None:
         config = self.config[self.subcommand]
+        bound, resolution = resolve_protocol(
+            config.get("pck_protocol"), config.get("pck_bound"), config.get("eval_resolution")
+        )
         self.model.evaluation = EvaluationOptions(
-            pck_bound=config.get("pck_bound"),
-            eval_resolution=config.get("eval_resolution", "original"),
+            pck_bound=bound,
+            eval_resolution=resolution,
             kps_sampling=config.get("kps_sampling", "bilinear"),
             results_dir=config.get("results_dir"),
+            pck_protocol=config.get("pck_protocol"),
+            test_time_overrides=self.test_time_overrides,
         )
 
+    def _initialise_without_checkpoint(self) -> None:
+        if not self.config[self.subcommand].get("ckpt_path"):
+            self.model.initialise_from_checkpoint()
+
     def before_fit(self) -> None:
-        initialise = getattr(self.model, "initialise_from_checkpoint", None)
-        if initialise is not None:
-            initialise()
+        self._configure_evaluation()
+        self.model.initialise_from_checkpoint()
 
     def after_fit(self) -> None:
         path = self.config["fit"].get("summary_file")
         if path and self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+            metrics.update(self.model.best_validation)  # the best value of each val/ metric
             metrics.update(epoch=self.trainer.current_epoch - 1, step=self.trainer.global_step)
             write_json(path, metrics)
 
     def before_validate(self) -> None:
         self._configure_evaluation()
+        self._initialise_without_checkpoint()
 
     def before_test(self) -> None:
         self._configure_evaluation()
+        self._initialise_without_checkpoint()
 
     def before_predict(self) -> None:
+        self._initialise_without_checkpoint()
         directory = self.config["predict"].get("predictions_dir") or os.path.join(
             self.trainer.log_dir or ".", "predictions"
         )
@@ -127,8 +220,79 @@ class GuidedFlowCLI(LightningCLI):
 
     def after_test(self) -> None:
         results = self.model.test_results
-        if results and self.trainer.is_global_zero and "per_category" in results:
+        if not results or not self.trainer.is_global_zero:
+            return
+        if "per_category" in results:
             print(format_table(results))
+        path = self.config["test"].get("summary_file")
+        if path:
+            write_json(path, test_metrics(results))
+
+
+def command_line_model_options(argv: list[str]) -> set[str]:
+    """Names of the model options given on a command line (``--model.c_m 2``,
+    ``--model.init_args.c_m=2``)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--model."):
+            key = token[len("--model.") :].split("=", 1)[0]
+            names.add(key.removeprefix("init_args."))
+    return names
+
+
+def require_trained_model(subcommand: str, config) -> None:
+    """Refuse to score or run a model that no checkpoint trained, unless asked explicitly."""
+    if config.get("ckpt_path") or config.get("allow_untrained"):
+        return
+    init_args = (config.get("model") or {}).get("init_args") or {}
+    if init_args.get("init_checkpoint"):
+        return
+    raise ConfigError(
+        f"`{subcommand}` needs a trained model: give --ckpt_path CKPT (or "
+        "--model.init_checkpoint CKPT), or --allow_untrained true to run the untrained one"
+    )
+
+
+def run_identifier() -> str:
+    """The W&B run id of a sweep trial (``WANDB_RUN_ID``, set by ``wandb agent``), else a
+    fresh one."""
+    return os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:8]
+
+
+def move_outputs_into(config, run_dir: str) -> None:
+    """Rebase the run's relative output paths into ``run_dir``: the trainer's root folder, each
+    callback's ``dirpath``, the logger's ``save_dir``, the results, predictions and summary
+    files. Absolute paths are kept; unset folders go to ``run_dir`` itself."""
+
+    def rebased(path: str | None) -> str:
+        if not path:
+            return run_dir
+        return path if os.path.isabs(path) else os.path.join(run_dir, path)
+
+    for key in RUN_DIR_KEYS:
+        group, _, name = key.rpartition(".")
+        holder = config[group] if group else config
+        if name == "summary_file" and not holder.get(name):
+            continue
+        holder[name] = rebased(holder.get(name))
+    trainer = config["trainer"]
+    loggers = trainer.get("logger")
+    for entry in loggers if isinstance(loggers, list) else [loggers]:
+        if entry and not isinstance(entry, bool) and entry.get("init_args") is not None:
+            entry["init_args"]["save_dir"] = rebased(entry["init_args"].get("save_dir"))
+    for callback in trainer.get("callbacks") or []:
+        init_args = callback.get("init_args")
+        if init_args is not None and "dirpath" in init_args:
+            init_args["dirpath"] = rebased(init_args.get("dirpath"))
+
+
+def print_overview() -> None:
+    """``guided-flow --help``: every command with its one-line description."""
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: guided-flow COMMAND [OPTIONS]   (guided-flow COMMAND --help for its options)"]
+    lines += ["", "Guided Semantic Flow: dense semantic correspondence.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    print("\n".join(lines))
 
 
 def run_lightning(args: list[str] | None = None) -> GuidedFlowCLI:
@@ -147,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     given = argv is not None
     argv = list(argv if given else sys.argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print_overview()
+        return 0 if argv else 2
     try:
         if argv and argv[0] in TOOL_COMMANDS:
             return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])

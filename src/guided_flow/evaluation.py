@@ -11,7 +11,11 @@ The protocol, each choice an option:
   pixels, with every keypoint and the bound mapped into the input grid.
 - ``pck_bound``: L = max(w, h) of the target box (``trg_bbox``, default) or source box
   (``src_bbox``), max(H, W) of the target (``trg_img``) or source image (``src_img``), or max(w, h)
-  of the box enclosing the target's valid keypoints (``trg_kps``), in the compared resolution.
+  of the box enclosing the target's valid keypoints (``trg_kps``), or of that box stretched to
+  the point (-1, -1) (``trg_kps_padded``: the convention of codebases that pad keypoint arrays
+  with -1 and take the box of the whole array), in the compared resolution.
+- ``pck_protocol``: a preset of :data:`PCK_PROTOCOLS` that sets bound and resolution together,
+  named after the published tables that use it.
 
 Resizing follows the pixel-centre convention of image resampling: a point p of an image resized by
 a factor s per axis lands at ``(p + 0.5) * s - 0.5``.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,11 +42,62 @@ from guided_flow.flow_io import atomic_open
 from guided_flow.geometry import transfer_keypoints
 from guided_flow.metrics import DEFAULT_ALPHAS, KeypointPCK, keypoint_hits
 
-PCK_BOUNDS = ("trg_bbox", "src_bbox", "trg_img", "src_img", "trg_kps")
+PCK_BOUNDS = ("trg_bbox", "src_bbox", "trg_img", "src_img", "trg_kps", "trg_kps_padded")
 EVAL_RESOLUTIONS = ("original", "input")
 KPS_SAMPLINGS = ("bilinear", "nearest")
 HITS_ALPHA = 0.1
 """The threshold at which ``predictions.jsonl`` lists each keypoint's hit."""
+PADDING_VALUE = -1.0
+"""The keypoint padding that ``trg_kps_padded`` reproduces."""
+
+
+@dataclass(frozen=True)
+class PCKProtocol:
+    """A named pair of ``pck_bound`` and ``eval_resolution``, and where it comes from."""
+
+    bound: str
+    resolution: str
+    benchmark: str
+    used_by: str
+
+
+PCK_PROTOCOLS = {
+    "hpf": PCKProtocol(
+        "trg_img", "original", "PF-PASCAL", "HPF, DHPF: max(H, W) of the target at original size"
+    ),
+    "scnet": PCKProtocol(
+        "trg_img",
+        "input",
+        "PF-PASCAL",
+        "SCNet, WeakAlign, NC-Net, DenseMatching, CATs: max(H, W) of the square-resized target",
+    ),
+    "valid_kps": PCKProtocol(
+        "trg_kps", "original", "PF-WILLOW", "the box of the target's valid keypoints (ours)"
+    ),
+    "padded_kps": PCKProtocol(
+        "trg_kps_padded",
+        "original",
+        "PF-WILLOW",
+        "DHPF, CATs: the box of a -1-padded keypoint array (for comparison only)",
+    ),
+}
+
+
+def resolve_protocol(
+    protocol: str | None, pck_bound: str | None, eval_resolution: str | None
+) -> tuple[str | None, str]:
+    """``(pck_bound, eval_resolution)`` from a preset of :data:`PCK_PROTOCOLS` or the two
+    options (``None`` bound: the benchmark's own). A preset excludes the two options."""
+    if protocol is None:
+        return pck_bound, eval_resolution or "original"
+    check_choice("pck_protocol", protocol, tuple(PCK_PROTOCOLS))
+    if pck_bound is not None or eval_resolution is not None:
+        raise ConfigError(
+            f"--pck_protocol {protocol} sets the bound and the resolution: "
+            "leave out --pck_bound and --eval_resolution"
+        )
+    preset = PCK_PROTOCOLS[protocol]
+    return preset.bound, preset.resolution
 
 
 def check_choice(option: str, value: str, allowed: Sequence[str]) -> str:
@@ -88,7 +144,7 @@ def pck_bound(
     """The PCK bound L of each pair (``B`` float64) from the original-pixel fields of ``meta``,
     expressed in a resolution that scales the source by ``source_scale`` and the target by
     ``target_scale`` (``B x 2`` (x, y) factors; ones for original pixels). ``valid``: ``B x K``
-    bool keypoint mask (for ``trg_kps``). ``kind`` is one of :data:`PCK_BOUNDS`."""
+    bool keypoint mask (for the keypoint bounds). ``kind`` is one of :data:`PCK_BOUNDS`."""
     check_choice("pck_bound", kind, PCK_BOUNDS)
     side, scale = ("target", target_scale) if kind.startswith("trg") else ("source", source_scale)
     if kind.endswith("bbox"):
@@ -105,6 +161,9 @@ def pck_bound(
         mask = valid.unsqueeze(-1)
         high = points.masked_fill(~mask, float("-inf")).amax(dim=1)
         low = points.masked_fill(~mask, float("inf")).amin(dim=1)
+        if kind == "trg_kps_padded":
+            low = low.clamp(max=PADDING_VALUE)
+            high = high.clamp(min=PADDING_VALUE)
         extent = high - low
     return (extent * scale).amax(dim=-1)
 
@@ -120,6 +179,8 @@ class KeypointEvaluator(nn.Module):
         alphas: PCK thresholds (fractions of the bound).
         categories: category names indexed by ``meta["category_id"]``.
         difficulty_names: names of the columns of ``meta["difficulty"]`` (empty if none).
+        protocol: the :data:`PCK_PROTOCOLS` preset that chose bound and resolution, if any
+            (recorded in ``run.json``).
     """
 
     def __init__(
@@ -130,8 +191,10 @@ class KeypointEvaluator(nn.Module):
         alphas: Sequence[float] = DEFAULT_ALPHAS,
         categories: Sequence[str] | None = None,
         difficulty_names: Sequence[str] = (),
+        protocol: str | None = None,
     ) -> None:
         super().__init__()
+        self.protocol = protocol
         self.pck_bound = check_choice("pck_bound", pck_bound, PCK_BOUNDS)
         self.eval_resolution = check_choice("eval_resolution", eval_resolution, EVAL_RESOLUTIONS)
         self.kps_sampling = check_choice("kps_sampling", kps_sampling, KPS_SAMPLINGS)
@@ -203,6 +266,7 @@ class KeypointEvaluator(nn.Module):
     def settings(self) -> dict:
         """The evaluation options, for ``run.json``."""
         return {
+            "pck_protocol": self.protocol,
             "pck_bound": self.pck_bound,
             "eval_resolution": self.eval_resolution,
             "kps_sampling": self.kps_sampling,

@@ -57,6 +57,18 @@ class EvaluationOptions:
     eval_resolution: str = "original"
     kps_sampling: str = "bilinear"
     results_dir: str | None = None
+    pck_protocol: str | None = None
+    # test-time options given over a checkpoint's values (cli.TEST_TIME_OPTIONS), for run.json
+    test_time_overrides: dict | None = None
+
+
+# The direction in which each validation metric improves, for the best-value summaries.
+LOWER_IS_BETTER = ("epe", "loss")
+
+
+def validation_goal(name: str) -> str:
+    """``"min"`` for errors and losses, ``"max"`` for the rest (PCK)."""
+    return "min" if any(word in name for word in LOWER_IS_BETTER) else "max"
 
 
 def grid_mask(mask: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -148,6 +160,7 @@ class GuidedFlowStage(pl.LightningModule):
         self._untrained: list[GuidedFlowModel] = []  # a list keeps it out of the state dict
         self.mask_evaluator: MaskTransferEvaluator | None = None
         self.test_results: dict | None = None
+        self.best_validation: dict[str, float] = {}  # best value of each val/ metric of a fit
         self.skipped_steps = 0  # training steps skipped for a non-finite loss
         self._freeze_untrained()
 
@@ -164,6 +177,23 @@ class GuidedFlowStage(pl.LightningModule):
         hparams = checkpoint.setdefault("hyper_parameters", {})
         hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
         hparams.setdefault("_instantiator", "pytorch_lightning.cli.instantiate_module")
+
+    def setup(self, stage: str) -> None:
+        """Each fit, validate or test builds its evaluators afresh from the data module it
+        attaches (protocol, alphas and categories are the benchmark's)."""
+        self.keypoint_evaluator = None
+        self.mask_evaluator = None
+        self.predictor_evaluators = torch.nn.ModuleDict()
+        if stage == "fit":
+            self.best_validation = {}
+
+    def initialise_from_checkpoint(self) -> None:
+        """Load ``init_checkpoint`` once (the CLI calls this before any data work, so that a
+        missing file or a grid mismatch stops the run at once)."""
+        path = self.hparams.init_checkpoint
+        if path and getattr(self, "_initialised_from", None) != path:
+            load_stage_weights(self, path)
+            self._initialised_from = path
 
     # --- what each stage trains ---------------------------------------------------------------
     def trained_modules(self) -> list[torch.nn.Module]:
@@ -312,6 +342,7 @@ class GuidedFlowStage(pl.LightningModule):
             alphas=getattr(datamodule, "alphas", DEFAULT_ALPHAS),
             categories=getattr(datamodule, "categories", None),
             difficulty_names=getattr(datamodule, "difficulty_names", ()),
+            protocol=self.evaluation.pck_protocol,
         ).to(self.device)
 
     def _mask_evaluator(self) -> MaskTransferEvaluator:
@@ -386,7 +417,25 @@ class GuidedFlowStage(pl.LightningModule):
         logged["val/pck"] = float(scores["pck@0.1"])
         self.log_dict(logged, prog_bar=False, sync_dist=False)
         self.log("val_pck", logged["val/pck"], prog_bar=True, logger=False)
+        if not self.trainer.sanity_checking:
+            self._record_best(logged)
         self._reset_metrics()
+
+    def _record_best(self, logged: Mapping[str, float]) -> None:
+        """Keep the best value of each validation metric (see :func:`validation_goal`)."""
+        for name, value in logged.items():
+            best = self.best_validation.get(name)
+            better = min if validation_goal(name) == "min" else max
+            self.best_validation[name] = value if best is None else better(best, value)
+
+    def on_fit_start(self) -> None:
+        """W&B summaries hold each validation metric's best value, not its last."""
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                for name in ("val/pck", "val/pck@0.05", "val/epe_px"):
+                    logger.experiment.define_metric(
+                        name, summary=validation_goal(name), step_metric="trainer/global_step"
+                    )
 
     def test_step(self, batch: Mapping, batch_idx: int) -> None:
         out = self._evaluate(batch)
@@ -420,6 +469,7 @@ class GuidedFlowStage(pl.LightningModule):
                 self.trainer.datamodule.pair_names("test"),
                 {
                     "checkpoint_hparams": dict(self.hparams),
+                    "test_time_overrides": self.evaluation.test_time_overrides or {},
                     "skipped_pairs": getattr(self.trainer.datamodule, "skipped_pairs", 0),
                 },
                 **extra,
@@ -428,6 +478,12 @@ class GuidedFlowStage(pl.LightningModule):
             self.test_results = self._results()
             if self.trainer.is_global_zero:
                 write_json(os.path.join(results_dir, "metrics.json"), self.test_results)
+                run = {
+                    "checkpoint_hparams": dict(self.hparams),
+                    "test_time_overrides": self.evaluation.test_time_overrides or {},
+                }
+                write_json(os.path.join(results_dir, "run.json"), run)
+        self.log_dict(test_metrics(self.test_results), sync_dist=False)
         self._reset_metrics()
 
     def _predictor_summaries(self) -> dict[str, dict]:
@@ -573,6 +629,20 @@ def validate_before_training(trainer: pl.Trainer) -> None:
         callback._last_global_step_saved = trainer.global_step
 
 
+def test_metrics(results: Mapping) -> dict[str, float]:
+    """``test/<metric>`` for each scalar of a test's results (tau's, for dense results), and
+    ``test/pck`` = PCK@0.1 where there is one: what loggers and sweep summaries receive."""
+    scores = results.get("gsf", results)
+    metrics = {
+        f"test/{key}": float(value)
+        for key, value in scores.items()
+        if key != "pairs" and isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    if "test/pck@0.1" in metrics:
+        metrics["test/pck"] = metrics["test/pck@0.1"]
+    return metrics
+
+
 def write_json(path: str, content: Mapping) -> None:
     """Write ``content`` as JSON atomically."""
     with atomic_open(path) as handle:
@@ -600,16 +670,9 @@ class MatchingStage(GuidedFlowStage):
         return [self.model.pruning_net, self.model.matching_net]
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage == "fit":
             self.initialise_from_checkpoint()
-
-    def initialise_from_checkpoint(self) -> None:
-        """Load ``init_checkpoint`` once (the CLI calls this before any data work, so that a
-        missing file or a grid mismatch stops the run at once)."""
-        path = self.hparams.init_checkpoint
-        if path and getattr(self, "_initialised_from", None) != path:
-            load_stage_weights(self, path)
-            self._initialised_from = path
 
 
 def load_stage_weights(module: GuidedFlowStage, path: str) -> None:
