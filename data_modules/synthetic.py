@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
 import skimage
 import skimage.data
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
+from data_modules.pf_pascal import PAIR_LIST_FOLDERS, PFPascalDataModule
 from data_modules.sampling import EpochShuffleSampler
 from guided_flow.errors import ConfigError, DataError
 from guided_flow.imaging import load_image, normalise, resize_image
@@ -77,6 +79,7 @@ class ImageSource:
     kind: str
     names: tuple[str, ...]
     root: Path | None = None
+    excluded: int = 0  # images left out of the source (the test pairs' images)
 
     def load(self, name: str) -> np.ndarray:
         """Image ``name`` as ``H x W x 3`` uint8."""
@@ -130,20 +133,13 @@ def folder_source(image_dir: str | Path) -> ImageSource:
     return ImageSource("folder", tuple(names), root)
 
 
-def pf_pascal_source(root: str | Path) -> ImageSource:
-    """The images of PF-PASCAL's ``train_pairs.csv`` (at the root or in ``image_pairs/``;
-    columns ``source_image``, ``target_image``, paths relative to ``root``), sorted."""
-    root = Path(root)
-    hint = _DOWNLOAD_HINT.format(root=root)
-    if not root.is_dir():
-        raise DataError(f"{root}: the PF-PASCAL root does not exist; download it with `{hint}`")
-    candidates = (root / "train_pairs.csv", root / "image_pairs" / "train_pairs.csv")
+def _pair_list_images(root: Path, names: tuple[str, ...]) -> set[str] | None:
+    """Image paths named by the first of the PF-PASCAL lists ``names`` found at ``root`` or in
+    ``image_pairs/`` (columns ``source_image``, ``target_image``); None when there is none."""
+    candidates = [root / folder / name for name in names for folder in PAIR_LIST_FOLDERS]
     csv_path = next((path for path in candidates if path.is_file()), None)
     if csv_path is None:
-        raise DataError(
-            f"{root}: no PF-PASCAL train_pairs.csv (looked for {candidates[0]} and "
-            f"{candidates[1]}); download the dataset with `{hint}`"
-        )
+        return None
     try:
         with csv_path.open(newline="", encoding="utf-8") as file:
             rows = list(csv.DictReader(file))
@@ -152,8 +148,34 @@ def pf_pascal_source(root: str | Path) -> ImageSource:
     columns = ("source_image", "target_image")
     if not rows or any(column not in rows[0] for column in columns):
         raise DataError(f"{csv_path}: expected a header with columns {columns} and some pairs")
-    names = sorted({row[column].strip() for row in rows for column in columns})
-    return ImageSource("pf-pascal", tuple(names), root)
+    return {row[column].strip() for row in rows for column in columns}
+
+
+def pf_pascal_source(root: str | Path, exclude_test_images: bool = False) -> ImageSource:
+    """The images of PF-PASCAL's ``train_pairs.csv`` (at the root or in ``image_pairs/``;
+    columns ``source_image``, ``target_image``, paths relative to ``root``), sorted; with
+    ``exclude_test_images``, without the images of the test pairs (``excluded`` counts them)."""
+    root = Path(root)
+    hint = _DOWNLOAD_HINT.format(root=root)
+    if not root.is_dir():
+        raise DataError(f"{root}: the PF-PASCAL root does not exist; download it with `{hint}`")
+    names = _pair_list_images(root, ("train_pairs.csv",))
+    if names is None:
+        raise DataError(
+            f"{root}: no PF-PASCAL train_pairs.csv (looked for {root / 'train_pairs.csv'} and "
+            f"{root / 'image_pairs' / 'train_pairs.csv'}); download the dataset with `{hint}`"
+        )
+    excluded = 0
+    if exclude_test_images:
+        test = _pair_list_images(root, ("test_pairs.csv", "test_pairs_pf_pascal.csv"))
+        if test is None:
+            raise DataError(
+                f"{root}: exclude_test_images needs PF-PASCAL's test_pairs.csv, which is missing"
+            )
+        excluded = len(names & test)
+        names -= test
+    kind = "pf-pascal-no-test" if exclude_test_images else "pf-pascal"
+    return ImageSource(kind, tuple(sorted(names)), root, excluded)
 
 
 class SyntheticImages(Dataset):
@@ -187,6 +209,10 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
     Args:
         image_dir: a folder of your own images; None with ``root`` None: scikit-image's photos.
         root: a PF-PASCAL root: use the images of its ``train_pairs.csv``.
+        exclude_test_images: with ``root``, leave the images of PF-PASCAL's test pairs out of
+            every split (the count is reported at set-up).
+        keypoint_validation: with ``root``, validate on PF-PASCAL's validation pairs and their
+            keypoints (PCK, the benchmark's protocol) instead of synthetic warps.
         cache_dir: where the HDF5 image cache goes.
         image_size: side of the square network input, pixels.
         batch_size, num_workers: DataLoader settings.
@@ -209,6 +235,8 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
         self,
         image_dir: str | None = None,
         root: str | None = None,
+        exclude_test_images: bool = False,
+        keypoint_validation: bool = False,
         cache_dir: str = "outputs/cache",
         image_size: int = 320,
         batch_size: int = 8,
@@ -231,6 +259,12 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         if image_dir is not None and root is not None:
             raise ConfigError("give image_dir (your own images) or root (PF-PASCAL), not both")
+        for option, value in (
+            ("exclude_test_images", exclude_test_images),
+            ("keypoint_validation", keypoint_validation),
+        ):
+            if value and root is None:
+                raise ConfigError(f"{option}=true needs root (a PF-PASCAL root)")
         positive = {
             "image_size": image_size, "batch_size": batch_size, "val_images": val_images,
             "test_images": test_images, "train_pairs_per_epoch": train_pairs_per_epoch,
@@ -252,11 +286,20 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
         )
         self.cache: ImageCache | None = None
         self.datasets: dict[str, SyntheticImages] = {}
+        self.validation_pairs: PFPascalDataModule | None = None
+        if keypoint_validation:
+            self.validation_pairs = PFPascalDataModule(
+                root, image_size, batch_size, num_workers, cache_dir, split="val", masks=False
+            )
+            # the evaluator reads the benchmark's protocol from the attached data module
+            self.pck_bound = PFPascalDataModule.pck_bound
+            self.alphas = PFPascalDataModule.alphas
+            self.categories = self.validation_pairs.categories
 
     def source(self) -> ImageSource:
         """The configured image source (lists the files; raises DataError when missing)."""
         if self.hparams.root is not None:
-            return pf_pascal_source(self.hparams.root)
+            return pf_pascal_source(self.hparams.root, self.hparams.exclude_test_images)
         if self.hparams.image_dir is not None:
             return folder_source(self.hparams.image_dir)
         return skimage_source()
@@ -270,10 +313,19 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
         """Build the image cache when it is absent or stale (Lightning: once per node)."""
         source, path, expected = self._cache_file_and_fingerprint()
         ensure_cache(path, expected, lambda: source.items(self.hparams.image_size))
+        if self.validation_pairs is not None:
+            self.validation_pairs.prepare_stage("validate")
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cache (validated against the current source) and split it by image."""
-        _, path, expected = self._cache_file_and_fingerprint()
+        source, path, expected = self._cache_file_and_fingerprint()
+        if source.excluded:
+            rank_zero_info(
+                f"PF-PASCAL: {source.excluded} training images also appear in the test pairs "
+                f"and are left out; {len(source.names)} images remain"
+            )
+        if self.validation_pairs is not None and stage in ("fit", "validate", None):
+            self.validation_pairs.setup("validate")
         self.cache = ImageCache(path, expected)
         count, held_out = len(self.cache), self.hparams.val_images + self.hparams.test_images
         if held_out >= count:
@@ -314,6 +366,8 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.validation_pairs is not None:
+            return self.validation_pairs.val_dataloader()
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
@@ -332,7 +386,10 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
         return index
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Warp the batch's images on their device into the pair schema (see the class doc)."""
+        """Warp the batch's images on their device into the pair schema (see the class doc);
+        keypoint validation batches pass unchanged."""
+        if "image" not in batch:
+            return batch
         images, index = batch["image"], batch["index"]
         keys = self.warp_keys(index)
         params = sample_warp_params(self.hparams.seed, keys, self.warp_config, device=images.device)

@@ -5,6 +5,7 @@ evaluator and the CLI."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from data_modules.pf_pascal import VOC_CATEGORIES, PFPascalDataModule
+from data_modules.synthetic import pf_pascal_source
 from guided_flow.cli import main
 from guided_flow.errors import DataError
 from guided_flow.evaluation import KeypointEvaluator
@@ -488,19 +490,39 @@ def training_root(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.mark.slow
-def test_stage_one_fits_on_a_pf_pascal_root(training_root, tmp_path):
+def test_stage_one_fits_without_test_images_and_selects_on_validation_keypoints(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "pf"
+    chain = "ABCDEF"
+    write_layout(
+        root,
+        train=[pair_row(a, b, "cat") for a, b in zip(chain, chain[1:])],
+        val=[keypoint_row("A", "B", "cat", [[10, 12]], [[35, 40]])],
+        test=[keypoint_row("F", "G", "cat", [[10, 12]], [[35, 40]])],
+        val_header=TEST_HEADER,
+        sizes={name: (INPUT, INPUT) for name in "ABCDEFG"},
+    )
+    source = pf_pascal_source(root, exclude_test_images=True)
+    assert source.excluded == 1 and [Path(name).stem for name in source.names] == list("ABCDE")
     config = str(REPO / "experiments" / "stage1.yaml")
     args = [
         "fit",
         "--config",
         config,
-        f"--data.root={training_root}",
+        f"--data.root={root}",
         f"--data.cache_dir={tmp_path / 'cache'}",
         "--data.val_images=1",
         "--data.test_images=1",
-        "--data.val_pairs=2",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
     ]
-    assert _run_cli(args) == 0
+    with caplog.at_level(logging.INFO):
+        assert _run_cli(args) == 0
+    assert "1 training images also appear in the test pairs" in caplog.text
+    # validation ran on PF-PASCAL's validation keypoints, from their own cache
+    assert (tmp_path / "cache" / f"pf-pascal-val-{INPUT}.h5").is_file()
 
 
 @pytest.mark.slow

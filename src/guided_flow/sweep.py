@@ -1,12 +1,15 @@
 """``guided-flow sweep FILE [--base-config CFG] [--out DIR] [-- EXTRA_ARGS...]``: run a W&B grid
 sweep definition locally, without a server.
 
-Each trial is a fresh ``guided-flow`` process in its own folder ``DIR/<trial name>/`` (its working
-directory, so the relative output paths of a config land there; give shared inputs as absolute
-paths). A trial whose ``summary.json`` exists is finished and skipped, so an interrupted sweep
-resumes where it stopped. At the end ``DIR/sweep_summary.csv`` holds one row per trial (the swept
-values and the final validation metric) and ``DIR/heatmap.png`` the metric over the first two
-swept parameters, rows by the first, columns by the second, as in the paper's tables.
+Each trial is a fresh ``guided-flow`` process started in the directory the sweep was started
+from, so every relative input (the config, ``--model.init_checkpoint``, ``--data.root``, the
+HDF5 ``cache_dir`` that all trials share, extra arguments) means what it means there. Its outputs
+go under its own run folder ``DIR/<trial name>/`` (``--run_dir``: checkpoints, logs, W&B files),
+so no two trials share a file. A trial whose ``summary.json`` exists is finished and skipped, so
+an interrupted sweep resumes where it stopped. At the end ``DIR/sweep_summary.csv`` holds one row
+per trial (the swept values and the best value of the sweep's metric) and ``DIR/heatmap.png``
+the metric over the first two swept parameters, rows by the first, columns by the second, as in
+the paper's tables.
 """
 
 from __future__ import annotations
@@ -94,8 +97,8 @@ def trial_command(
     summary_file: Path,
 ) -> list[str]:
     """The trial's argv: the sweep's command with ``${args}`` expanded the way W&B expands it
-    (``--name=value``), ``--config`` replaced by ``base_config``, config paths made absolute,
-    then ``extra_args`` and the summary file."""
+    (``--name=value``), ``--config`` replaced by ``base_config``, ``--run_dir`` set to the
+    summary file's folder, then ``extra_args`` and the summary file."""
     command: list[str] = []
     tokens = iter(sweep.command)
     for token in tokens:
@@ -109,10 +112,14 @@ def trial_command(
             config = next(tokens, None)
             if config is None:
                 raise ConfigError(f"{sweep.path}: '--config' without a file in 'command'")
-            command += ["--config", os.path.abspath(base_config or config)]
+            command += ["--config", base_config or config]
+        elif token.startswith("--run_dir"):
+            if token == "--run_dir":
+                next(tokens, None)
         else:
             command.append(token)
-    return command + extra_args + [f"--summary_file={summary_file}"]
+    run_dir = os.path.abspath(summary_file.parent)
+    return command + extra_args + [f"--run_dir={run_dir}", f"--summary_file={summary_file}"]
 
 
 def run_sweep(
@@ -122,14 +129,14 @@ def run_sweep(
     rows of the summary."""
     rows = []
     for number, values in enumerate(sweep.trials()):
-        folder = out / trial_name(number, values)
+        folder = out.resolve() / trial_name(number, values)
         summary_file = folder / "summary.json"
         if not summary_file.exists():
             folder.mkdir(parents=True, exist_ok=True)
             command = trial_command(sweep, values, base_config, extra_args, summary_file)
             print(f"[sweep] trial {number}: {' '.join(command[3:])}", flush=True)
             with open(folder / "trial.log", "w") as log:
-                code = subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
             if code.returncode != 0 or not summary_file.exists():
                 print(f"[sweep] trial {number} failed: see {folder / 'trial.log'}", flush=True)
         else:
@@ -199,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a W&B grid sweep definition locally, each trial a fresh run.",
     )
     parser.add_argument("file", help="a W&B sweep definition (method: grid)")
-    parser.add_argument("--base-config", help="replaces the --config of the sweep's command")
+    parser.add_argument(
+        "--base-config", help="replaces the --config of the sweep's command (same stage)"
+    )
     parser.add_argument("--out", help="folder of the trials (default: outputs/sweeps/<FILE stem>)")
     return parser
 
