@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
 import skimage
 import skimage.data
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint

@@ -35,3 +35,30 @@ def save_stage_checkpoint(stage, path):
     trainer.strategy.connect(stage)
     trainer.save_checkpoint(path)
     return path
+
+
+def wandb_records(path):
+    """The protobuf records of a W&B run log (``run-<id>.wandb``: a LevelDB-style log of 32 KiB
+    blocks, each record chunk behind a 7-byte header (crc32, length, type), after a 7-byte file
+    header), so that tests can read an offline run without a server."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block, header = 32768, 7
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run log"
+    position, pending = header, b""
+    while position + header <= len(data):
+        left = block - position % block
+        if left < header:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + header])
+        pending += data[position + header : position + header + length]
+        position += header + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from guided_flow.cli import main
+from guided_flow.cli import COMMANDS, LIGHTNING_COMMANDS, TOOL_COMMANDS, main
 from guided_flow.stages import PruningStage
 from tests.helpers import save_stage_checkpoint
 
@@ -69,6 +69,44 @@ def test_test_command_takes_the_model_from_the_checkpoint(workdir):
     # a guided flow is better than no flow at all on warped pairs
     assert metrics["guidance"]["epe_px"] < metrics["identity"]["epe_px"]
     assert (results / "warp.png").stat().st_size > 0
+    run = json.loads((results / "run.json").read_text())
+    # the config's rho 0.9 does not override the checkpoint's 0.8
+    assert run["test_time_overrides"] == {} and run["checkpoint_hparams"]["rho"] == 0.8
+    # test-time options given on the command line override the checkpoint's values
+    assert main(args + ["--model.c_m", "2", "--model.init_args.rho=0.95"]) == 0
+    run = json.loads((results / "run.json").read_text())
+    assert run["test_time_overrides"] == {"c_m": 2.0, "rho": 0.95}
+    hparams = run["checkpoint_hparams"]
+    assert (hparams["c_m"], hparams["rho"], hparams["c_p"]) == (2.0, 0.95, 2.0)
+
+
+def test_help_lists_every_command_with_a_description(capsys):
+    assert set(COMMANDS) == set(LIGHTNING_COMMANDS) | set(TOOL_COMMANDS)
+    assert main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in COMMANDS:
+        described = [line for line in lines if line.split()[:1] == [name]]
+        assert len(described) == 1 and len(described[0].split()) > 3
+
+
+@pytest.mark.parametrize("command", ["test", "validate", "predict"])
+def test_running_an_untrained_model_needs_an_explicit_opt_in(workdir, capsys, command):
+    args = [
+        command,
+        "--config",
+        _config("demo_stage2.yaml"),
+        "--model.init_checkpoint=null",
+        f"--data.cache_dir={workdir / 'cache'}",
+        "--trainer.logger=false",
+    ]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--allow_untrained true" in error[0] and command in error[0]
+    assert not (workdir / "cache").exists()
+    if command == "test":
+        opt_in = ["--allow_untrained=true", f"--results_dir={workdir / 'r'}", *SMALL]
+        assert main(args + opt_in + ["--data.test_pairs=2"]) == 0
+        assert (workdir / "r" / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize(

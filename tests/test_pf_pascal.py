@@ -498,7 +498,7 @@ def test_stage_one_fits_without_test_images_and_selects_on_validation_keypoints(
     chain = "ABCDEF"
     write_layout(
         root,
-        train=[pair_row(a, b, "cat") for a, b in zip(chain, chain[1:])],
+        train=[pair_row(a, b, "cat") for a, b in zip(chain[:-1], chain[1:], strict=True)],
         val=[keypoint_row("A", "B", "cat", [[10, 12]], [[35, 40]])],
         test=[keypoint_row("F", "G", "cat", [[10, 12]], [[35, 40]])],
         val_header=TEST_HEADER,

@@ -430,12 +430,20 @@ class GuidedFlowStage(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         """W&B summaries hold each validation metric's best value, not its last."""
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                for name in ("val/pck", "val/pck@0.05", "val/epe_px"):
-                    logger.experiment.define_metric(
-                        name, summary=validation_goal(name), step_metric="trainer/global_step"
-                    )
+        for logger in self._wandb_loggers():
+            for name in ("val/pck", "val/pck@0.05", "val/epe_px"):
+                logger.experiment.define_metric(
+                    name, summary=validation_goal(name), step_metric="trainer/global_step"
+                )
+
+    def on_fit_end(self) -> None:
+        """Write the best validation values into the W&B run's summary, so that the run (and
+        an offline run's log) carries them whatever the server computes."""
+        for logger in self._wandb_loggers():
+            logger.experiment.summary.update(self.best_validation)
+
+    def _wandb_loggers(self) -> list[WandbLogger]:
+        return [logger for logger in self.loggers if isinstance(logger, WandbLogger)]
 
     def test_step(self, batch: Mapping, batch_idx: int) -> None:
         out = self._evaluate(batch)
