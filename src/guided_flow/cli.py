@@ -69,6 +69,7 @@ class ProjectOption:
     help: str
     default: str | None = None
     choices: tuple[str, ...] = ()
+    flag: bool = False  # a true/false option, default false
 
 
 PROJECT_OPTIONS = (
@@ -107,6 +108,12 @@ PROJECT_OPTIONS = (
         "put every output of the run under this folder (relative output paths of the config "
         "are rebased into it); `{run_id}` becomes the W&B run id of a sweep trial or a fresh id",
     ),
+    ProjectOption(
+        "allow_untrained",
+        "let validate/test/predict run a model that no checkpoint trained (`true`); without "
+        "it they need --ckpt_path or --model.init_checkpoint",
+        flag=True,
+    ),
 )
 
 
@@ -120,6 +127,9 @@ class GuidedFlowCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         for option in PROJECT_OPTIONS:
+            if option.flag:
+                parser.add_argument(f"--{option.name}", type=bool, default=False, help=option.help)
+                continue
             choices = {"choices": [None, *option.choices]} if option.choices else {}
             parser.add_argument(
                 f"--{option.name}",
@@ -128,12 +138,6 @@ class GuidedFlowCLI(LightningCLI):
                 help=option.help,
                 **choices,
             )
-        parser.add_argument(
-            "--allow_untrained",
-            type=bool,
-            default=False,
-            help="let validate/test/predict run a model that no checkpoint trained",
-        )
         # A test config may leave the model out: --ckpt_path then supplies the stage and its
         # hyper-parameters.
         parser.set_defaults({"model": {"class_path": "guided_flow.stages.MatchingStage"}})
