@@ -198,3 +198,35 @@ def test_non_grid_sweeps_are_refused_with_the_file_named(tmp_path):
     path.write_text("method: bayes\nparameters: {model.c_p: {values: [1]}}\ncommand: [${args}]\n")
     with pytest.raises(ConfigError, match="bayes.yaml"):
         load_sweep(path)
+
+
+@pytest.mark.slow
+def test_test_time_grid_scores_one_checkpoint_per_trial(tmp_path, monkeypatch):
+    from guided_flow.stages import MatchingStage
+    from tests.helpers import save_stage_checkpoint
+    from tests.test_pf_pascal import INPUT, TEST_HEADER, keypoint_row, write_layout
+
+    monkeypatch.chdir(tmp_path)
+    points = [[20, 30], [250, 150], [120, 99]]
+    write_layout(
+        tmp_path / "pf",
+        val=[keypoint_row("2009_000001", "2009_000002", "cat", points, points)],
+        val_header=TEST_HEADER,
+    )
+    save_stage_checkpoint(
+        MatchingStage(backbone="resnet18", weights="none", input_size=INPUT), tmp_path / "s2.ckpt"
+    )
+    spec = yaml.safe_load((REPO / "experiments" / "sweeps" / "cp_cm_test_time.yaml").read_text())
+    spec["parameters"] = {"model.c_p": {"values": [2]}, "model.c_m": {"values": [0.1, 5]}}
+    spec["command"] = [
+        token.replace("experiments/", f"{REPO}/experiments/") for token in spec["command"]
+    ]
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec))
+    extra = ["--ckpt_path=s2.ckpt", "--data.root=pf", "--data.cache_dir=cache"]
+    assert main(["sweep", "grid.yaml", "--out", "grid", "--", *extra, "--data.num_workers=0"]) == 0
+    rows = list(csv.DictReader((tmp_path / "grid" / "sweep_summary.csv").open()))
+    assert [row["model.c_m"] for row in rows] == ["0.1", "5"]
+    for row in rows:
+        assert 0.0 <= float(row["test/pck"]) <= 1.0
+        run = json.loads(next((tmp_path / "grid" / row["trial"]).rglob("run.json")).read_text())
+        assert run["test_time_overrides"] == {"c_p": 2, "c_m": float(row["model.c_m"])}
