@@ -19,7 +19,7 @@ def test_readme_reference_matches_the_cli():
 
 @pytest.mark.parametrize("option", PROJECT_OPTIONS, ids=[o.name for o in PROJECT_OPTIONS])
 def test_each_project_option_is_accepted_by_the_parser(option):
-    value = option.choices[0] if option.choices else "somewhere"
+    value = "true" if option.flag else option.choices[0] if option.choices else "somewhere"
     config = str(ROOT / "experiments" / "demo.yaml")
     with pytest.raises(SystemExit) as exit_info:
         run_lightning(["test", "--config", config, f"--{option.name}={value}", "--print_config"])
