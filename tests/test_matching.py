@@ -172,3 +172,64 @@ def test_argmax_flow_of_a_shifted_pair():
     source, target = shifted_pair(1, 64, 8, 8, (1, 2), seed=6)
     flow = matching.argmax_flow(matching.correlation(source, target))
     assert (flow[0, 0, :6, :7] == 1).all() and (flow[0, 1, :6, :7] == 2).all()
+
+
+def test_guided_soft_argmax_of_an_identity_volume_is_zero():
+    # every source cell's best target is itself and the prior is centred there (G' = 0)
+    h, w = 4, 5
+    volume = torch.eye(h * w).view(1, h * w, h, w)
+    flow = matching.guided_soft_argmax(volume, torch.zeros(1, 2, h, w), c_m=5.0, beta=100.0)
+    assert flow.shape == (1, 2, h, w)
+    assert torch.allclose(flow, torch.zeros_like(flow), atol=1e-6)
+
+
+def test_guided_soft_argmax_hand_computed_case():
+    # a 1 x 2 grid, target cells at x = 0 and x = 1, G' = 0, c_M = 1/(2 ln 2): the prior weighs
+    # the other cell by 1/2. Source cell 0 has C = (1, 0): with beta = ln 3 the weights are
+    # (3, 1/2), expected x = 1/7; source cell 1 has C = (0.5, 0.5): weights (1/2, 1), expected
+    # x = 2/3, displacement -1/3.
+    volume = torch.tensor([[1.0, 0.5], [0.0, 0.5]]).view(1, 2, 1, 2)
+    flow = matching.guided_soft_argmax(
+        volume, torch.zeros(1, 2, 1, 2), c_m=1 / (2 * math.log(2.0)), beta=math.log(3.0)
+    )
+    expected = torch.tensor([[1 / 7, -1 / 3], [0.0, 0.0]]).view(1, 2, 1, 2)
+    assert torch.allclose(flow, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [(2, 1), (-1, 0)])
+def test_guided_soft_argmax_of_a_shifted_pair_recovers_the_shift(shift):
+    # G' = 0 (a prior one or two cells off): the correlation evidence moves S to the shift
+    h = w = 10
+    source, target = shifted_pair(1, 128, h, w, shift, seed=5)
+    volume = matching.correlation(source, target)
+    flow = matching.guided_soft_argmax(volume, torch.zeros(1, 2, h, w), 5.0, 100.0)
+    sx, sy = shift
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    covered = (xs + sx >= 0) & (xs + sx < w) & (ys + sy >= 0) & (ys + sy < h)
+    expected = torch.tensor(shift, dtype=torch.float32).view(2, 1)
+    assert torch.allclose(flow[0][:, covered], expected.expand(2, int(covered.sum())), atol=1e-2)
+
+
+def test_guided_soft_argmax_is_the_softmax_of_c_times_the_gaussian_renormalised():
+    torch.manual_seed(0)
+    h, w = 3, 4
+    volume = torch.rand(2, h * w, h, w)
+    guidance = torch.randn(2, 2, h, w)
+    flow = matching.guided_soft_argmax(volume, guidance, c_m=2.0, beta=7.0)
+    gaussian = matching.guided_correlation(torch.ones_like(volume), guidance, 2.0)
+    weights = torch.exp(7.0 * volume) * gaussian
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    positions = torch.stack((xs.reshape(-1), ys.reshape(-1)), dim=1).float()
+    expected = torch.einsum("bjyx,jc->bcyx", weights, positions)
+    expected = expected - positions.t().reshape(1, 2, h, w)
+    assert torch.allclose(flow, expected, atol=1e-5)
+
+
+def test_guided_soft_argmax_with_a_flat_volume_returns_the_guidance_in_the_interior():
+    # no evidence in C: the prior alone, centred at p_i + G'_i, gives G'_i where the Gaussian
+    # is not cut by the border
+    h = w = 15
+    guidance = torch.tensor([1.0, -1.0]).view(1, 2, 1, 1).expand(1, 2, h, w)
+    flow = matching.guided_soft_argmax(torch.zeros(1, h * w, h, w), guidance, 1.0, 50.0)
+    assert torch.allclose(flow[0, :, 6:9, 6:9], guidance[0, :, 6:9, 6:9], atol=1e-3)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from guided_flow import matching
 from guided_flow.errors import ConfigError
 from guided_flow.model import GuidedFlowModel
 from guided_flow.networks import EncoderDecoder, MatchingNet, PruningNet
@@ -105,6 +106,8 @@ def test_bfloat16_autocast_runs_and_stays_finite():
         ({"c_m": -1.0}, "c_m"),
         ({"window_n": 4}, "window_n"),
         ({"guidance_model": "spline"}, "guidance_model"),
+        ({"flow_base": "argmax"}, "flow_base"),
+        ({"soft_argmax_beta": 0.0}, "soft_argmax_beta"),
     ],
 )
 def test_bad_hyper_parameters_are_refused_with_the_option_named(kwargs, option):
@@ -141,3 +144,25 @@ def test_without_refinement_the_flow_is_the_guidance():
     plain = model.forward_features(source, target, refine=False)
     assert torch.equal(plain.flow, plain.guidance)
     assert torch.allclose(refined.flow, refined.guidance + 1.0)
+
+
+def test_soft_argmax_base_adds_the_residual_to_the_guided_soft_argmax():
+    model = GuidedFlowModel(
+        None, grid=(10, 10), c_m=2.0, flow_base="soft_argmax", soft_argmax_beta=50.0
+    ).eval()
+    with torch.no_grad():
+        model.matching_net.body.conv8.bias.fill_(1.0)
+    source, target = shifted_pair(1, 32, 10, 10, (1, 0), seed=15)
+    out = model.forward_features(source, target)
+    expected = matching.guided_soft_argmax(out.correlation, out.guidance, 2.0, 50.0) + 1.0
+    assert torch.allclose(out.flow, expected, atol=1e-5)
+    plain = model.forward_features(source, target, refine=False)
+    assert torch.equal(plain.flow, plain.guidance)
+
+
+def test_soft_argmax_base_recovers_a_shift_at_initialisation():
+    model = GuidedFlowModel(None, grid=(20, 20), flow_base="soft_argmax", soft_argmax_beta=100.0)
+    source, target = shifted_pair(1, 128, 20, 20, (2, -1), seed=8)
+    out = model.eval().forward_features(source, target)
+    interior = out.flow[0, :, 3:15, 2:14]
+    assert torch.allclose(interior, torch.tensor([2.0, -1.0]).view(2, 1, 1), atol=1e-2)

@@ -61,6 +61,13 @@ def test_checkpoints_record_the_feature_layers_used():
     assert MatchingStage(input_size=SIZE, feature_layers=[10]).hparams.feature_layers == [10]
 
 
+def test_flow_base_reaches_the_model_and_the_checkpoint_hparams():
+    stage = MatchingStage(input_size=SIZE, flow_base="soft_argmax", soft_argmax_beta=20.0)
+    assert (stage.model.flow_base, stage.model.soft_argmax_beta) == ("soft_argmax", 20.0)
+    assert stage.hparams.flow_base == "soft_argmax" and stage.hparams.soft_argmax_beta == 20.0
+    assert MatchingStage(input_size=SIZE).model.flow_base == "guidance"
+
+
 def test_stage_one_trains_the_pruning_net_only():
     stage = PruningStage(input_size=SIZE)
     trained = {n for n, p in stage.named_parameters() if p.requires_grad}
@@ -105,6 +112,8 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
         ({"optimizer": "lbfgs"}, "optimizer"),
         ({"rho": 1.5}, "rho"),
         ({"c_m": 0.0}, "c_m"),
+        ({"flow_base": "argmax"}, "flow_base"),
+        ({"soft_argmax_beta": -1.0}, "soft_argmax_beta"),
     ],
 )
 def test_bad_stage_options_name_the_option(kwargs, option):

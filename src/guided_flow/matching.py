@@ -135,12 +135,17 @@ def guided_correlation(volume: torch.Tensor, guidance: torch.Tensor, c_m: float)
 
     ``volume``: ``B x (h*w) x h x w``; ``guidance``: G' ``B x 2 x h x w``. Same shape out.
     """
+    return volume * torch.exp(-_squared_distance_to_guided(volume, guidance) / (2 * c_m))
+
+
+def _squared_distance_to_guided(volume: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """||p_j - (p_i + G'_i)||^2 laid out like ``volume`` (``B x (h*w) x h x w``)."""
     b, hw, h, w = volume.shape
     positions = cell_positions(h, w, device=volume.device, dtype=volume.dtype)  # J x 2
     guided = positions.t().reshape(1, 2, h, w) + guidance  # B x 2 x h x w: p_i + G'_i
     dx = positions[:, 0].view(1, hw, 1, 1) - guided[:, 0:1]
     dy = positions[:, 1].view(1, hw, 1, 1) - guided[:, 1:2]
-    return volume * torch.exp(-(dx**2 + dy**2) / (2 * c_m))
+    return dx**2 + dy**2
 
 
 def argmax_flow(volume: torch.Tensor) -> torch.Tensor:
@@ -150,3 +155,23 @@ def argmax_flow(volume: torch.Tensor) -> torch.Tensor:
     positions = cell_positions(h, w, device=volume.device, dtype=volume.dtype)
     best = positions[volume.argmax(dim=1)]  # B x h x w x 2
     return best.permute(0, 3, 1, 2) - positions.t().reshape(1, 2, h, w)
+
+
+def guided_soft_argmax(
+    volume: torch.Tensor, guidance: torch.Tensor, c_m: float, beta: float
+) -> torch.Tensor:
+    """S: the soft-argmax of C under a Gaussian prior around the guidance (proposed formulation).
+
+    S_i = sum_j w_ij p_j - p_i with w_ij = softmax_j(beta C(i, j) - ||p_j - (p_i + G'_i)||^2 /
+    (2 c_M)): softmax(beta C) times the Gaussian of C' (section 7), renormalised, so the match
+    is sought near the guided position, at sub-cell precision, with no weights. (A softmax of C'
+    itself would give every far cell, where C' is about 0, the weight of e^0 and pull S towards
+    the grid's centre.) ``volume``: C ``B x (h*w) x h x w``; ``guidance``: G' ``B x 2 x h x w``;
+    returns the displacement ``B x 2 x h x w`` (cells).
+    """
+    b, hw, h, w = volume.shape
+    positions = cell_positions(h, w, device=volume.device, dtype=volume.dtype)
+    logits = beta * volume - _squared_distance_to_guided(volume, guidance) / (2 * c_m)
+    weights = torch.softmax(logits, dim=1)  # B x J x h x w
+    expected = torch.einsum("bjyx,jc->bcyx", weights, positions)
+    return expected - positions.t().reshape(1, 2, h, w)

@@ -15,6 +15,9 @@ from guided_flow.geometry import cell_positions, flow_cells_to_pixels
 from guided_flow.networks import MatchingNet, PruningNet
 
 GUIDANCE_MODELS = ("translation", "affine")
+# What the matching residual is added to: tau = G' + M(C') (section 8) or the proposed
+# tau = S + M(C'), S the soft-argmax of C under the Gaussian of C' (matching.guided_soft_argmax).
+FLOW_BASES = ("guidance", "soft_argmax")
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,13 @@ class FlowOutput:
 
 
 def check_hyper_parameters(
-    rho: float, c_p: float, c_m: float, window_n: int, guidance_model: str
+    rho: float,
+    c_p: float,
+    c_m: float,
+    window_n: int,
+    guidance_model: str,
+    flow_base: str = "guidance",
+    soft_argmax_beta: float = 50.0,
 ) -> None:
     """Raise ConfigError naming the option and its allowed values."""
     if not 0.0 < rho < 1.0:
@@ -84,10 +93,21 @@ def check_hyper_parameters(
         raise ConfigError(
             f"guidance_model={guidance_model!r} is invalid: choose one of {GUIDANCE_MODELS}"
         )
+    if flow_base not in FLOW_BASES:
+        raise ConfigError(f"flow_base={flow_base!r} is invalid: choose one of {FLOW_BASES}")
+    if not soft_argmax_beta > 0:
+        raise ConfigError(
+            f"soft_argmax_beta={soft_argmax_beta} is invalid: it must be a positive sharpness"
+        )
 
 
 class GuidedFlowModel(nn.Module):
     """Features -> C -> Q -> Q' (pruning net) -> G -> G' -> C' -> tau = G' + M(C').
+
+    ``flow_base="soft_argmax"`` is the proposed tau = S + M(C'), S the soft-argmax of
+    ``soft_argmax_beta`` C under the Gaussian of variance ``c_m`` around p_i + G'_i
+    (:func:`~guided_flow.matching.guided_soft_argmax`; weight-free, so an untrained model gives
+    S).
 
     ``grid`` is the feature grid (h, w); the networks' first and last layers have h*w channels,
     so the input size must be ``grid * backbone.stride``. ``backbone=None`` builds a model that
@@ -103,13 +123,16 @@ class GuidedFlowModel(nn.Module):
         c_m: float = 5.0,
         window_n: int = 5,
         guidance_model: str = "translation",
+        flow_base: str = "guidance",
+        soft_argmax_beta: float = 50.0,
     ) -> None:
         super().__init__()
-        check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model)
+        check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model, flow_base, soft_argmax_beta)
         self.backbone = backbone
         self.grid = tuple(grid)
         self.rho, self.c_p, self.c_m = rho, c_p, c_m
         self.window_n, self.guidance_model = window_n, guidance_model
+        self.flow_base, self.soft_argmax_beta = flow_base, soft_argmax_beta
         cells = self.grid[0] * self.grid[1]
         self.pruning_net = PruningNet(cells)
         self.matching_net = MatchingNet(cells)
@@ -124,7 +147,8 @@ class GuidedFlowModel(nn.Module):
         self, source_image: torch.Tensor, target_image: torch.Tensor, refine: bool = True
     ) -> FlowOutput:
         """``B x 3 x H x W`` normalised images (H, W = :attr:`input_size`) -> FlowOutput.
-        ``refine=False`` skips the matching network (tau = G'), which stage 1 does not train."""
+        ``refine=False`` skips C' and the matching network (tau = G'), which stage 1 does not
+        train."""
         if self.backbone is None:
             raise ConfigError("this model was built without a backbone: call forward_features")
         if tuple(source_image.shape[-2:]) != self.input_size:
@@ -156,7 +180,12 @@ class GuidedFlowModel(nn.Module):
         flow = guidance
         if refine:
             guided_volume = matching.guided_correlation(volume, guidance, self.c_m)
-            flow = guidance + self.matching_net(guided_volume)
+            base = guidance
+            if self.flow_base == "soft_argmax":
+                base = matching.guided_soft_argmax(
+                    volume, guidance, self.c_m, self.soft_argmax_beta
+                )
+            flow = base + self.matching_net(guided_volume)
         return FlowOutput(
             flow=flow,
             guidance=guidance,

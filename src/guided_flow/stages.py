@@ -95,8 +95,13 @@ class GuidedFlowStage(pl.LightningModule):
     ``match_features``: the features L_M compares, ``"all"`` of them or the ``"finest"`` layer of
     a hypercolumn (proposed formulation: coarse layers resized to the grid vary too smoothly to
     rank sub-cell flows; README, decisions). ``compare_untrained``: at test time also score tau of
-    the untrained model (fresh networks and backbone: tau = G' of Q' = sigmoid(10) Q) as
-    ``gsf_untrained``.
+    the untrained model (fresh networks and backbone: tau = G' of Q' = sigmoid(10) Q, or S
+    with ``flow_base="soft_argmax"``) as ``gsf_untrained``.
+
+    ``flow_base``: ``"guidance"`` (section 8, tau = G' + M(C')) or ``"soft_argmax"`` (proposed
+    formulation: tau = S + M(C'), S the weight-free soft-argmax of ``soft_argmax_beta`` C under
+    the Gaussian of C', :func:`guided_flow.matching.guided_soft_argmax`; README, decisions).
+    Checkpoints written before these options existed load with the default, ``"guidance"``.
     """
 
     stage: int
@@ -116,6 +121,8 @@ class GuidedFlowStage(pl.LightningModule):
         window_n: int = 5,
         window_m: int = 5,
         guidance_model: str = "translation",
+        flow_base: str = "guidance",
+        soft_argmax_beta: float = 50.0,
         lambda_geo: float = 3.0,
         geo_weighting: str = "uniform",
         lambda_m: float = 5.0,
@@ -149,7 +156,17 @@ class GuidedFlowStage(pl.LightningModule):
                 f"stride {extractor.stride}"
             )
         grid = (input_size // extractor.stride,) * 2
-        self.model = GuidedFlowModel(extractor, grid, rho, c_p, c_m, window_n, guidance_model)
+        self.model = GuidedFlowModel(
+            extractor,
+            grid,
+            rho,
+            c_p,
+            c_m,
+            window_n,
+            guidance_model,
+            flow_base,
+            soft_argmax_beta,
+        )
         self.evaluation = EvaluationOptions()
         self.dense_metrics = torch.nn.ModuleDict(
             {name: DenseFlowMetric() for name in (*PREDICTORS, UNTRAINED)}
@@ -516,7 +533,15 @@ class GuidedFlowStage(pl.LightningModule):
             hp = self.hparams
             extractor = FeatureExtractor(hp.backbone, hp.weights, 0, hp.feature_layers)
             model = GuidedFlowModel(
-                extractor, self.model.grid, hp.rho, hp.c_p, hp.c_m, hp.window_n, hp.guidance_model
+                extractor,
+                self.model.grid,
+                hp.rho,
+                hp.c_p,
+                hp.c_m,
+                hp.window_n,
+                hp.guidance_model,
+                hp.flow_base,
+                hp.soft_argmax_beta,
             )
             self._untrained.append(model.to(self.device).eval())
 
@@ -586,6 +611,8 @@ def check_stage_options(**options) -> None:
         options["c_m"],
         options["window_n"],
         options["guidance_model"],
+        options["flow_base"],
+        options["soft_argmax_beta"],
     )
     window_m = options["window_m"]
     if window_m < 1 or window_m % 2 == 0:
