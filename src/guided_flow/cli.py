@@ -54,9 +54,11 @@ TOOL_COMMANDS = {
     "sweep": "guided_flow.sweep",
     "export": "guided_flow.export",
 }
-# Model options that change only G' and C' (no weight depends on them): given on the command
-# line, they override a checkpoint's values.
-TEST_TIME_OPTIONS = ("rho", "c_p", "c_m", "window_n", "guidance_model")
+# Model options that change only G', C' and the flow base (no weight depends on them): given on
+# the command line, they override a checkpoint's values.
+TEST_TIME_OPTIONS = (
+    "rho", "c_p", "c_m", "window_n", "guidance_model", "flow_base", "soft_argmax_beta",
+)  # fmt: skip
 # Folders that ``--run_dir`` moves: (path of the option in a subcommand's config, what it is).
 RUN_DIR_KEYS = ("trainer.default_root_dir", "results_dir", "predictions_dir", "summary_file")
 
