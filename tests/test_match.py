@@ -14,6 +14,8 @@ from skimage import data as skdata
 
 from guided_flow import cli
 from guided_flow.flow_io import read_flo
+from guided_flow.stages import MatchingStage
+from tests.helpers import save_stage_checkpoint
 from tests.test_api import shifted_flow, textured_image, write_shifted_checkpoint
 
 SCRIPT = Path(sys.executable).with_name("guided-flow")
@@ -38,6 +40,7 @@ def check_outputs(
     """Check every file ``match`` writes for the pair; returns ``flow_s2t`` (``H_s x W_s x 2``)."""
     (hs, ws), (ht, wt) = source.shape[:2], target.shape[:2]
     expected = {"warped.png", "flow_s2t.npy", "flow_s2t.flo", "flow.png", "matches.png"}
+    expected.add("index.html")
     if kps is not None:
         expected.add("keypoints.json")
     assert {path.name for path in out.iterdir()} == expected  # no temporary files left
@@ -188,3 +191,27 @@ def test_input_size_is_refused_with_a_checkpoint(tmp_path, capsys):
     argv = ["match", image, image, "--ckpt", "any.ckpt", "--input-size", "160", "--out", "out"]
     assert cli.main(argv) == 2
     assert "--input-size" in capsys.readouterr().err
+
+
+@pytest.mark.browser
+def test_the_match_page_transfers_points_as_the_flow_file_says(tmp_path, driver):
+    # a checkpoint's trained networks and two photographs, as after `make demo`
+    checkpoint = save_stage_checkpoint(MatchingStage(input_size=160), tmp_path / "model.ckpt")
+    source, target = skdata.astronaut(), skdata.coffee()  # 512 x 512 and 400 x 600
+    out = tmp_path / "out"
+    args = ["match", save(tmp_path, "s.png", source), save(tmp_path, "t.png", target)]
+    assert cli.main([*map(str, args), "--ckpt", str(checkpoint), "--out", str(out)]) == 0
+    flow = np.load(out / "flow_s2t.npy")
+    driver.get((out / "index.html").as_uri())
+    rng = np.random.default_rng(0)
+    points = np.stack((rng.integers(0, 512, 12), rng.integers(0, 512, 12)), axis=1)
+    points = np.concatenate((points, [[0, 0], [511, 511], [511, 0]]))
+    for x, y in points.tolist():
+        page = driver.execute_script(
+            "return window.guidedFlow.transfer(arguments[0], arguments[1])", x, y
+        )
+        np.testing.assert_allclose(page, np.array([x, y]) + flow[y, x], atol=0.01)
+    resources = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+    )
+    assert all(name.startswith(("data:", "file:")) for name in resources)

@@ -56,6 +56,8 @@ class MatchResult:
             centre) and the Q'-weighted mean of its confident target cells (p_i + G_i).
         keypoints: ``K x 2`` float64 target pixels: the given source keypoints transferred by the
             flow (``None`` when none were given).
+        flow_input: ``2 x H x W`` float32: tau in input pixels on the network's input grid
+            (``H x W``, both images resized to it), from which every transfer is read.
     """
 
     flow_s2t: np.ndarray
@@ -63,6 +65,7 @@ class MatchResult:
     confidence: np.ndarray
     confident_matches: tuple[np.ndarray, np.ndarray]
     keypoints: np.ndarray | None
+    flow_input: np.ndarray
 
 
 def as_rgb(image: ImageInput) -> np.ndarray:
@@ -282,6 +285,7 @@ class GuidedSemanticFlow:
             confidence=confidence.cpu().numpy(),
             confident_matches=matches,
             keypoints=keypoints,
+            flow_input=flows[0].float().cpu().numpy(),
         )
 
     def _to_original(self, points: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

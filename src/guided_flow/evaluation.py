@@ -275,6 +275,43 @@ class KeypointEvaluator(nn.Module):
             "keypoint_units": f"{self.eval_resolution} pixels",
         }
 
+    def pair_rows(self, records, pair_names: Sequence[str]) -> list[dict]:
+        """One dict per pair of ``records`` (:class:`~guided_flow.metrics.KeypointRecords`), in
+        index order: ``index``, ``pair_id``, ``category``, ``src_kps``, ``pred_kps``, ``trg_kps``
+        (keypoints in annotation order, compared resolution), ``bound``, ``hits`` (at
+        :data:`HITS_ALPHA`) and, where the benchmark has them, ``difficulty`` flags."""
+        categories = self.pck.categories
+        flags = self.pck.difficulty_names
+        hits = keypoint_hits(
+            records.distance,
+            records.bound.repeat_interleave(records.kps_offsets.diff()),
+            torch.tensor([HITS_ALPHA], dtype=torch.float64),
+        )[:, 0].tolist()
+        offsets = records.kps_offsets.tolist()
+        src, pred, trg = (records.src_kps.tolist(), records.pred_kps.tolist(),
+                          records.trg_kps.tolist())  # fmt: skip
+        difficulty = records.difficulty.tolist()
+        pairs = zip(
+            records.index.tolist(), records.category.tolist(), records.bound.tolist(), strict=True
+        )
+        rows = []
+        for n, (index, category, bound) in enumerate(pairs):
+            kps = slice(offsets[n], offsets[n + 1])
+            row = {
+                "index": index,
+                "pair_id": pair_names[index],
+                "category": str(category) if categories is None else categories[category],
+                "src_kps": src[kps],
+                "pred_kps": pred[kps],
+                "trg_kps": trg[kps],
+                "bound": bound,
+                "hits": hits[kps],
+            }
+            if flags:
+                row["difficulty"] = dict(zip(flags, difficulty[n], strict=True))
+            rows.append(row)
+        return rows
+
     def write(
         self,
         results_dir: str | os.PathLike,
@@ -284,49 +321,18 @@ class KeypointEvaluator(nn.Module):
     ) -> dict:
         """Gather the results and write, atomically, into ``results_dir``: ``metrics.json``
         (metric values only, plus ``extra_metrics``), ``predictions.jsonl`` (one line per pair
-        in index order, keypoints in annotation order and in the compared resolution) and
-        ``run.json`` (the options plus ``run_info``). Every process must call it; only process 0
-        writes. ``pair_names`` is indexed by the pairs' ``index``. Returns the metrics dict."""
+        in index order, :meth:`pair_rows`) and ``run.json`` (the options plus ``run_info``).
+        Every process must call it; only process 0 writes. ``pair_names`` is indexed by the
+        pairs' ``index``. Returns the metrics dict."""
         records = self.pck.records()
         metrics = {**self.pck.summary(records), **(extra_metrics or {})}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_rank() != 0:
                 return metrics
-        categories = self.pck.categories
-        hits = keypoint_hits(
-            records.distance,
-            records.bound.repeat_interleave(records.kps_offsets.diff()),
-            torch.tensor([HITS_ALPHA], dtype=torch.float64),
-        )[:, 0].tolist()
-        offsets = records.kps_offsets.tolist()
-        src, pred, trg = (
-            records.src_kps.tolist(),
-            records.pred_kps.tolist(),
-            records.trg_kps.tolist(),
-        )
-        lines = []
-        for n, (index, category, bound) in enumerate(
-            zip(
-                records.index.tolist(),
-                records.category.tolist(),
-                records.bound.tolist(),
-                strict=True,
-            )
-        ):
-            rows = slice(offsets[n], offsets[n + 1])
-            line = {
-                "pair_id": pair_names[index],
-                "category": str(category) if categories is None else categories[category],
-                "src_kps": src[rows],
-                "pred_kps": pred[rows],
-                "trg_kps": trg[rows],
-                "bound": bound,
-                "hits": hits[rows],
-            }
-            lines.append(json.dumps(line) + "\n")
+        rows = self.pair_rows(records, pair_names)
         results_dir = os.fspath(results_dir)
         with atomic_open(os.path.join(results_dir, "predictions.jsonl")) as handle:
-            handle.write("".join(lines).encode())
+            handle.write("".join(json.dumps(row) + "\n" for row in rows).encode())
         run = {**self.settings(), "pairs": metrics["pairs"], **(run_info or {})}
         for name, content in (("metrics.json", metrics), ("run.json", run)):
             with atomic_open(os.path.join(results_dir, name)) as handle:

@@ -6,7 +6,11 @@ pictures of any size and write, in their original pixels:
   pixel the (dx, dy) in pixels to its match in the target;
 - ``flow.png``: ``flow_s2t`` in flow colours (source size);
 - ``matches.png``: the confident matches (Q' > rho) drawn on the pair side by side;
-- ``keypoints.json`` (with ``--kps``): ``{"source_kps": [[x, y], ...], "target_kps": [...]}``.
+- ``keypoints.json`` (with ``--kps``): ``{"source_kps": [[x, y], ...], "target_kps": [...]}``;
+- ``index.html``: one self-contained interactive page (no server, no network): point at the
+  source to see the match on the target, toggles for the confident matches, the flow colours and
+  the keypoints, a blend slider of the warped source over the target; its
+  ``window.guidedFlow.transfer(x, y)`` transfers a point exactly as keypoint transfer does.
 
 The keypoint file holds ``[[x, y], ...]`` or ``{"keypoints": [[x, y], ...]}`` in original source
 pixels. Without ``--ckpt`` the untrained method runs on the embedded ImageNet backbone.
@@ -24,6 +28,7 @@ import torch
 from guided_flow.api import GuidedSemanticFlow, MatchResult, as_points, as_rgb, warp_source
 from guided_flow.errors import ConfigError, DataError
 from guided_flow.flow_io import write_flo, write_flow_npy
+from guided_flow.html_pages import write_match_page
 from guided_flow.stages import write_json
 from guided_flow.viz import draw_matches, flow_to_color, save_png
 
@@ -93,10 +98,12 @@ def write_results(
 ) -> list[str]:
     """Write the result files (module docstring) atomically into ``out_dir``; ``source`` and
     ``target`` are the ``H x W x 3`` uint8 pictures. Returns the names written."""
-    save_png(out_dir / "warped.png", warp_source(source, result.flow_t2s))
+    warped = warp_source(source, result.flow_t2s)
+    colours = flow_to_color(result.flow_s2t)
+    save_png(out_dir / "warped.png", warped)
     write_flow_npy(out_dir / "flow_s2t.npy", result.flow_s2t)
     write_flo(out_dir / "flow_s2t.flo", result.flow_s2t)
-    save_png(out_dir / "flow.png", flow_to_color(result.flow_s2t))
+    save_png(out_dir / "flow.png", colours)
     save_png(out_dir / "matches.png", draw_matches(source, target, *result.confident_matches))
     names = ["warped.png", "flow_s2t.npy", "flow_s2t.flo", "flow.png", "matches.png"]
     if source_kps is not None:
@@ -105,7 +112,18 @@ def write_results(
             {"source_kps": source_kps.tolist(), "target_kps": result.keypoints.tolist()},
         )
         names.append("keypoints.json")
-    return names
+    write_match_page(
+        out_dir / "index.html",
+        source,
+        target,
+        result.flow_input,
+        result.confident_matches,
+        colours,
+        warped,
+        source_kps,
+        result.keypoints,
+    )
+    return [*names, "index.html"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,13 +23,14 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from guided_flow import losses
 from guided_flow.backbone import FeatureExtractor
 from guided_flow.errors import ConfigError, GuidedFlowError
-from guided_flow.evaluation import KeypointEvaluator
+from guided_flow.evaluation import HITS_ALPHA, KeypointEvaluator
 from guided_flow.flow_io import atomic_open
 from guided_flow.geometry import flow_cells_to_pixels
 from guided_flow.mask_metrics import MaskTransferEvaluator, is_mask_transfer_batch
 from guided_flow.matching import EPS, argmax_flow
 from guided_flow.metrics import DEFAULT_ALPHAS, DenseFlowMetric
 from guided_flow.model import FlowOutput, GuidedFlowModel, check_hyper_parameters
+from guided_flow.test_page import DENSE_ALPHA, TestPageRecorder, log_pairs_table
 from guided_flow.visual import pair_panel
 from guided_flow.viz import save_png
 
@@ -177,6 +178,7 @@ class GuidedFlowStage(pl.LightningModule):
         self._untrained: list[GuidedFlowModel] = []  # a list keeps it out of the state dict
         self.mask_evaluator: MaskTransferEvaluator | None = None
         self.test_results: dict | None = None
+        self.page: TestPageRecorder | None = None  # the interactive page of a test run
         self.best_validation: dict[str, float] = {}  # best value of each val/ metric of a fit
         self.skipped_steps = 0  # training steps skipped for a non-finite loss
         self._freeze_untrained()
@@ -466,6 +468,11 @@ class GuidedFlowStage(pl.LightningModule):
         out = self._evaluate(batch)
         if batch_idx == 0 and self.trainer.is_global_zero:
             self._save_panels(batch, out)
+        if self.page is not None and not is_mask_transfer_batch(batch):
+            self.page.add_batch(batch)
+            if "flow_s2t" in batch:
+                size = tuple(batch["flow_s2t"].shape[-2:])
+                self.page.add_dense_rows(batch, out.flow_pixels(size))
 
     def _save_panels(self, batch: Mapping, out: FlowOutput) -> None:
         """Write ``warp.png`` (the first pair) and ``panels/pair_<index>.png`` (the first
@@ -508,8 +515,25 @@ class GuidedFlowStage(pl.LightningModule):
                     "test_time_overrides": self.evaluation.test_time_overrides or {},
                 }
                 write_json(os.path.join(results_dir, "run.json"), run)
+        self._write_page(evaluator)
         self.log_dict(test_metrics(self.test_results), sync_dist=False)
         self._reset_metrics()
+
+    def _write_page(self, evaluator: KeypointEvaluator | MaskTransferEvaluator | None) -> None:
+        """Write the test's ``index.html`` (keypoint benchmarks and dense pairs; not mask
+        transfer), and log its rows to W&B as a table."""
+        if self.page is None or evaluator is self.mask_evaluator is not None:
+            return
+        if evaluator is None:  # dense pairs: tau's scores, the rows the recorder sampled
+            rows, flags, alpha = None, (), DENSE_ALPHA
+            metrics = {"pairs": self.test_results["pairs"], **self.test_results["gsf"]}
+        else:  # every process takes part in gathering the records
+            names = self.trainer.datamodule.pair_names("test")
+            rows = evaluator.pair_rows(evaluator.pck.records(), names)
+            flags, alpha, metrics = evaluator.pck.difficulty_names, HITS_ALPHA, self.test_results
+        if self.trainer.is_global_zero:
+            pairs = self.page.write(metrics, rows, flags, alpha)
+            log_pairs_table(self.loggers, self.page.results_dir, pairs)
 
     def _predictor_summaries(self) -> dict[str, dict]:
         """``{predictor: {"pairs": N, "pck@a": ...}}`` over the test split, gsf included."""
@@ -528,7 +552,9 @@ class GuidedFlowStage(pl.LightningModule):
         }
 
     def on_test_start(self) -> None:
-        """Build the untrained model that ``compare_untrained`` scores beside tau."""
+        """Start the test's page, and build the untrained model that ``compare_untrained``
+        scores beside tau."""
+        self.page = TestPageRecorder(self._results_dir())
         if self.hparams.compare_untrained and not self._untrained:
             hp = self.hparams
             extractor = FeatureExtractor(hp.backbone, hp.weights, 0, hp.feature_layers)
