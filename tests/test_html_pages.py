@@ -1,14 +1,11 @@
 """The HTML pages in headless Chromium: the match page's point transfer against the library's,
 its markers and toggles, the results page's sorting, filtering, paging and pair view, and that
 neither page requests anything outside ``file://``.
-
-``GF_WRITE_GALLERY=1`` also saves screenshots of both pages to ``docs/gallery``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +28,6 @@ from guided_flow.html_pages import (
 )
 from guided_flow.viz import flow_to_color
 
-GALLERY = Path(__file__).resolve().parents[1] / "docs" / "gallery"
 SOURCE_SIZE, TARGET_SIZE, INPUT_SIZE = (150, 200), (120, 90), (64, 64)  # (H, W)
 
 
@@ -161,12 +157,6 @@ def test_match_page_toggles(driver, match_page):
     )
     opacity = driver.find_element(By.ID, "warped-img").value_of_css_property("opacity")
     assert float(opacity) == pytest.approx(0.6)
-    if os.environ.get("GF_WRITE_GALLERY") == "1":
-        driver.find_element(By.ID, "toggle-flow").click()
-        source = driver.find_element(By.ID, "source-img")
-        ActionChains(driver).move_to_element_with_offset(source, 40, -30).click().perform()
-        GALLERY.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(GALLERY / "match_page.png"))
 
 
 def fake_pairs(count: int, thumbs: list[tuple[str, str]], seed: int = 0) -> list[dict]:
@@ -274,11 +264,6 @@ def test_results_page_sort_filter_and_view(driver, results_dir):
     size = [shown["width"] / w, shown["height"] / h]
     np.testing.assert_allclose(drawn, (np.array(pair["trg_kps"]) + 0.5) * size, atol=0.05)
     assert_offline(driver, path)
-    if os.environ.get("GF_WRITE_GALLERY") == "1":
-        for flag in ("category", "occlusion", "truncation"):
-            Select(driver.find_element(By.ID, f"filter-{flag}")).select_by_value("")
-        GALLERY.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(GALLERY / "test_page.png"))
 
 
 @pytest.mark.browser
