@@ -186,7 +186,9 @@ class GuidedFlowStage(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Name the stage class in the saved hyper-parameters (as the CLI does), so that
         ``guided-flow test --ckpt_path`` and ``load_from_checkpoint`` rebuild the right stage
-        whoever wrote the checkpoint. A model with non-finite weights is never saved."""
+        whoever wrote the checkpoint, and keep the best validation values so far, so that a
+        resumed fit reports the best of the whole run. A model with non-finite weights is never
+        saved."""
         bad = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise NonFiniteLossError(
@@ -196,6 +198,10 @@ class GuidedFlowStage(pl.LightningModule):
         hparams = checkpoint.setdefault("hyper_parameters", {})
         hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
         hparams.setdefault("_instantiator", "pytorch_lightning.cli.instantiate_module")
+        checkpoint["best_validation"] = dict(self.best_validation)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_validation = dict(checkpoint.get("best_validation", {}))
 
     def setup(self, stage: str) -> None:
         """Each fit, validate or test builds its evaluators afresh from the data module it
