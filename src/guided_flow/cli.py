@@ -59,7 +59,8 @@ TOOL_COMMANDS = {
 TEST_TIME_OPTIONS = (
     "rho", "c_p", "c_m", "window_n", "guidance_model", "flow_base", "soft_argmax_beta",
 )  # fmt: skip
-# Folders that ``--run_dir`` moves: (path of the option in a subcommand's config, what it is).
+# Output options that ``--run_dir`` rebases (dotted paths in a subcommand's config), besides the
+# loggers' ``save_dir`` and the callbacks' ``dirpath``.
 RUN_DIR_KEYS = ("trainer.default_root_dir", "results_dir", "predictions_dir", "summary_file")
 
 
