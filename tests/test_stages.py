@@ -119,3 +119,16 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
 def test_bad_stage_options_name_the_option(kwargs, option):
     with pytest.raises(ConfigError, match=option):
         PruningStage(**kwargs)
+
+
+def test_a_checkpoint_written_before_the_flow_base_option_loads_as_tau_equals_g(tmp_path):
+    stage = MatchingStage(input_size=SIZE, flow_base="soft_argmax")
+    path = save_stage_checkpoint(stage, tmp_path / "new.ckpt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for name in ("flow_base", "soft_argmax_beta"):
+        del checkpoint["hyper_parameters"][name]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    loaded = MatchingStage.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    assert loaded.model.flow_base == "guidance"
+    restored = MatchingStage.load_from_checkpoint(path, map_location="cpu")
+    assert (restored.model.flow_base, restored.model.soft_argmax_beta) == ("soft_argmax", 50.0)
