@@ -345,3 +345,10 @@ def test_guided_flow_test_on_spair_writes_the_tables(tmp_path, capsys):
     lines = (tmp_path / "results" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == metrics["pairs"]
     assert "occlusion" in capsys.readouterr().out  # the per-difficulty table is printed
+    # the page: one record per pair with the benchmark's difficulty flags, a filter per flag
+    first = json.loads(lines[0])
+    assert set(first["difficulty"]) == set(DIFFICULTY_NAMES)
+    page = (tmp_path / "results" / "index.html").read_text()
+    assert all(f'id="filter-{flag}"' in page for flag in DIFFICULTY_NAMES)
+    pairs_js = (tmp_path / "results" / "pairs.js").read_text()
+    assert pairs_js.count('"difficulty"') == metrics["pairs"]
