@@ -15,7 +15,6 @@ every epoch sees new warps.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
-from data_modules.pf_pascal import PAIR_LIST_FOLDERS, PFPascalDataModule
+from data_modules.pf_pascal import PFPascalDataModule, find_pair_list, read_rows
 from data_modules.sampling import EpochShuffleSampler
 from guided_flow.errors import ConfigError, DataError
 from guided_flow.imaging import load_image, normalise, resize_image
@@ -59,7 +58,6 @@ SKIMAGE_PHOTOS: tuple[str, ...] = (
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp"})
 _RESIZE_RECIPE = "pil-bilinear-square"  # part of the fingerprint: change it when resizing changes
-_DOWNLOAD_HINT = "guided-flow download pf-pascal --root {root}"
 
 
 def _skimage_photo(name: str) -> np.ndarray:
@@ -133,22 +131,17 @@ def folder_source(image_dir: str | Path) -> ImageSource:
     return ImageSource("folder", tuple(names), root)
 
 
-def _pair_list_images(root: Path, names: tuple[str, ...]) -> set[str] | None:
+def _pair_list_images(root: Path, names: tuple[str, ...]) -> set[str]:
     """Image paths named by the first of the PF-PASCAL lists ``names`` found at ``root`` or in
-    ``image_pairs/`` (columns ``source_image``, ``target_image``); None when there is none."""
-    candidates = [root / folder / name for name in names for folder in PAIR_LIST_FOLDERS]
-    csv_path = next((path for path in candidates if path.is_file()), None)
-    if csv_path is None:
-        return None
-    try:
-        with csv_path.open(newline="", encoding="utf-8") as file:
-            rows = list(csv.DictReader(file))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"{csv_path}: cannot read the pair list ({error})") from error
+    ``image_pairs/`` (columns ``source_image``, ``target_image``); DataError names the file, or
+    the places looked at and the download command."""
+    path = find_pair_list(root, names, "pf-pascal")
+    header, rows = read_rows(path)
     columns = ("source_image", "target_image")
-    if not rows or any(column not in rows[0] for column in columns):
-        raise DataError(f"{csv_path}: expected a header with columns {columns} and some pairs")
-    return {row[column].strip() for row in rows for column in columns}
+    if any(column not in header for column in columns):
+        raise DataError(f"{path}: expected a header with columns {columns}")
+    positions = [header.index(column) for column in columns]
+    return {row[i] for _, row in rows for i in positions if i < len(row)}
 
 
 def pf_pascal_source(root: str | Path, exclude_test_images: bool = False) -> ImageSource:
@@ -156,22 +149,10 @@ def pf_pascal_source(root: str | Path, exclude_test_images: bool = False) -> Ima
     columns ``source_image``, ``target_image``, paths relative to ``root``), sorted; with
     ``exclude_test_images``, without the images of the test pairs (``excluded`` counts them)."""
     root = Path(root)
-    hint = _DOWNLOAD_HINT.format(root=root)
-    if not root.is_dir():
-        raise DataError(f"{root}: the PF-PASCAL root does not exist; download it with `{hint}`")
     names = _pair_list_images(root, ("train_pairs.csv",))
-    if names is None:
-        raise DataError(
-            f"{root}: no PF-PASCAL train_pairs.csv (looked for {root / 'train_pairs.csv'} and "
-            f"{root / 'image_pairs' / 'train_pairs.csv'}); download the dataset with `{hint}`"
-        )
     excluded = 0
     if exclude_test_images:
         test = _pair_list_images(root, ("test_pairs.csv", "test_pairs_pf_pascal.csv"))
-        if test is None:
-            raise DataError(
-                f"{root}: exclude_test_images needs PF-PASCAL's test_pairs.csv, which is missing"
-            )
         excluded = len(names & test)
         names -= test
     kind = "pf-pascal-no-test" if exclude_test_images else "pf-pascal"
