@@ -40,7 +40,7 @@ from torch import nn
 from guided_flow.errors import ConfigError
 from guided_flow.flow_io import atomic_open
 from guided_flow.geometry import transfer_keypoints
-from guided_flow.metrics import DEFAULT_ALPHAS, KeypointPCK, keypoint_hits
+from guided_flow.metrics import DEFAULT_ALPHAS, KeypointPCK, KeypointRecords, keypoint_hits
 
 PCK_BOUNDS = ("trg_bbox", "src_bbox", "trg_img", "src_img", "trg_kps", "trg_kps_padded")
 EVAL_RESOLUTIONS = ("original", "input")
@@ -275,7 +275,7 @@ class KeypointEvaluator(nn.Module):
             "keypoint_units": f"{self.eval_resolution} pixels",
         }
 
-    def pair_rows(self, records, pair_names: Sequence[str]) -> list[dict]:
+    def pair_rows(self, records: KeypointRecords, pair_names: Sequence[str]) -> list[dict]:
         """One dict per pair of ``records`` (:class:`~guided_flow.metrics.KeypointRecords`), in
         index order: ``index``, ``pair_id``, ``category``, ``src_kps``, ``pred_kps``, ``trg_kps``
         (keypoints in annotation order, compared resolution), ``bound``, ``hits`` (at
@@ -318,13 +318,15 @@ class KeypointEvaluator(nn.Module):
         pair_names: Sequence[str],
         run_info: Mapping | None = None,
         extra_metrics: Mapping | None = None,
+        records: KeypointRecords | None = None,
     ) -> dict:
         """Gather the results and write, atomically, into ``results_dir``: ``metrics.json``
         (metric values only, plus ``extra_metrics``), ``predictions.jsonl`` (one line per pair
         in index order, :meth:`pair_rows`) and ``run.json`` (the options plus ``run_info``).
         Every process must call it; only process 0 writes. ``pair_names`` is indexed by the
-        pairs' ``index``. Returns the metrics dict."""
-        records = self.pck.records()
+        pairs' ``index``; ``records`` are the gathered records when the caller has them already.
+        Returns the metrics dict."""
+        records = self.pck.records() if records is None else records
         metrics = {**self.pck.summary(records), **(extra_metrics or {})}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_rank() != 0:

@@ -278,7 +278,7 @@ def _check_rgb(name: str, image: np.ndarray, size: tuple[int, int] | None = None
         raise ValueError(f"{name} must be {size[0]} x {size[1]} x 3, got {shape}")
 
 
-def _fit(size: tuple[int, int], limit: int) -> tuple[int, int]:
+def fitted_size(size: tuple[int, int], limit: int) -> tuple[int, int]:
     """(H, W) scaled, keeping the aspect, so that the longest side is ``limit`` pixels."""
     scale = limit / max(size)
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
@@ -357,8 +357,8 @@ def write_match_page(
         "sourceKps": kps[0].tolist(),
         "targetKps": kps[1].tolist(),
     }
-    show_s = _fit(source_rgb.shape[:2], DISPLAY_SIZE)
-    show_t = _fit(target_rgb.shape[:2], DISPLAY_SIZE)
+    show_s = fitted_size(source_rgb.shape[:2], DISPLAY_SIZE)
+    show_t = fitted_size(target_rgb.shape[:2], DISPLAY_SIZE)
     source = _img("source-img", _data_uri(source_rgb, "JPEG"), show_s) + _img(
         "flow-img", _data_uri(flow_rgb, "PNG"), show_s, "hidden"
     )
@@ -392,12 +392,13 @@ def write_pair_thumbnails(
     names = []
     for image, suffix in ((source_rgb, "s"), (target_rgb, "t")):
         _check_rgb("source_rgb" if suffix == "s" else "target_rgb", image)
-        h, w = _fit(image.shape[:2], size)
+        h, w = fitted_size(image.shape[:2], size)
         name = f"thumbs/{index:06d}_{suffix}.jpg"
+        picture = Image.fromarray(image)
+        if picture.size != (w, h):  # a caller may pass a thumbnail already
+            picture = picture.resize((w, h), Image.Resampling.BILINEAR)
         with atomic_open(Path(results_dir) / name) as handle:
-            Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR).save(
-                handle, "JPEG", quality=85
-            )
+            picture.save(handle, "JPEG", quality=85)
         names.append(name)
     return names[0], names[1]
 

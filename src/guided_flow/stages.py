@@ -28,7 +28,7 @@ from guided_flow.flow_io import atomic_open
 from guided_flow.geometry import flow_cells_to_pixels
 from guided_flow.mask_metrics import MaskTransferEvaluator, is_mask_transfer_batch
 from guided_flow.matching import EPS, argmax_flow
-from guided_flow.metrics import DEFAULT_ALPHAS, DenseFlowMetric
+from guided_flow.metrics import DEFAULT_ALPHAS, DenseFlowMetric, KeypointRecords
 from guided_flow.model import FlowOutput, GuidedFlowModel, check_hyper_parameters
 from guided_flow.test_page import DENSE_ALPHA, TestPageRecorder, log_pairs_table
 from guided_flow.visual import pair_panel
@@ -498,10 +498,15 @@ class GuidedFlowStage(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         results_dir = self._results_dir()
         evaluator = self._benchmark_evaluator()
+        records = None
         if evaluator is not None:
             extra = {}
             if evaluator is self.keypoint_evaluator:
-                extra["extra_metrics"] = {"predictors": self._predictor_summaries()}
+                records = evaluator.pck.records()  # gathered once for the files and the page
+                extra = {
+                    "extra_metrics": {"predictors": self._predictor_summaries()},
+                    "records": records,
+                }
             self.test_results = evaluator.write(
                 results_dir,
                 self.trainer.datamodule.pair_names("test"),
@@ -521,25 +526,29 @@ class GuidedFlowStage(pl.LightningModule):
                     "test_time_overrides": self.evaluation.test_time_overrides or {},
                 }
                 write_json(os.path.join(results_dir, "run.json"), run)
-        self._write_page(evaluator)
+        self._write_page(evaluator, records)
         self.log_dict(test_metrics(self.test_results), sync_dist=False)
         self._reset_metrics()
 
-    def _write_page(self, evaluator: KeypointEvaluator | MaskTransferEvaluator | None) -> None:
-        """Write the test's ``index.html`` (keypoint benchmarks and dense pairs; not mask
-        transfer), and log its rows to W&B as a table."""
-        if self.page is None or evaluator is self.mask_evaluator is not None:
+    def _write_page(
+        self,
+        evaluator: KeypointEvaluator | MaskTransferEvaluator | None,
+        records: KeypointRecords | None,
+    ) -> None:
+        """Write the test's ``index.html`` (keypoint benchmarks, from their gathered
+        ``records``, and dense pairs; not mask transfer), and log its rows to W&B as a table."""
+        if not self.trainer.is_global_zero or self.page is None:
+            return
+        if evaluator is not None and evaluator is self.mask_evaluator:
             return
         if evaluator is None:  # dense pairs: tau's scores, the rows the recorder sampled
             rows, flags, alpha = None, (), DENSE_ALPHA
             metrics = {"pairs": self.test_results["pairs"], **self.test_results["gsf"]}
-        else:  # every process takes part in gathering the records
-            names = self.trainer.datamodule.pair_names("test")
-            rows = evaluator.pair_rows(evaluator.pck.records(), names)
+        else:
+            rows = evaluator.pair_rows(records, self.trainer.datamodule.pair_names("test"))
             flags, alpha, metrics = evaluator.pck.difficulty_names, HITS_ALPHA, self.test_results
-        if self.trainer.is_global_zero:
-            pairs = self.page.write(metrics, rows, flags, alpha)
-            log_pairs_table(self.loggers, self.page.results_dir, pairs)
+        pairs = self.page.write(metrics, rows, flags, alpha)
+        log_pairs_table(self.loggers, self.page.results_dir, pairs)
 
     def _predictor_summaries(self) -> dict[str, dict]:
         """``{predictor: {"pairs": N, "pck@a": ...}}`` over the test split, gsf included."""

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from guided_flow.html_pages import write_pair_thumbnails, write_results_page
-from guided_flow.imaging import denormalise, resize_image
+from guided_flow.html_pages import fitted_size, write_pair_thumbnails, write_results_page
+from guided_flow.imaging import resize_image
+from guided_flow.visual import to_uint8
 from guided_flow.viz import draw_matches
 
 DENSE_GRID = 6
@@ -26,19 +27,11 @@ DENSE_ALPHA = 0.05  # PCK@0.1 of dense flow is saturated on self-warps; 0.05 is 
 THUMBNAIL_SIDE = 160
 
 
-def to_rgb(image: torch.Tensor) -> np.ndarray:
-    """A normalised ``3 x H x W`` image -> ``H x W x 3`` uint8."""
-    rgb = denormalise(image.detach().float().cpu()).clamp(0, 1).permute(1, 2, 0)
-    return (rgb.numpy() * 255 + 0.5).astype(np.uint8)
-
-
 def thumbnail(image: torch.Tensor, original_size: Sequence[int]) -> np.ndarray:
     """The network input ``image`` (``3 x H x W``) back at the original aspect ratio of
     ``original_size = (H, W)``, longest side :data:`THUMBNAIL_SIDE`: ``h x w x 3`` uint8."""
-    height, width = (int(v) for v in original_size)
-    scale = THUMBNAIL_SIDE / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return resize_image(to_rgb(image), size)
+    size = fitted_size((int(original_size[0]), int(original_size[1])), THUMBNAIL_SIDE)
+    return resize_image(to_uint8(image), size)
 
 
 def dense_grid_points(flow_valid: torch.Tensor) -> torch.Tensor:
