@@ -33,7 +33,7 @@ from guided_flow.evaluation import (
     format_table,
     resolve_protocol,
 )
-from guided_flow.stages import EvaluationOptions, GuidedFlowStage, test_metrics, write_json
+from guided_flow.stages import EvaluationOptions, GuidedFlowStage, scalar_test_metrics, write_json
 
 # Every command with its one-line description, in the order ``guided-flow --help`` lists them.
 COMMANDS = {
@@ -233,7 +233,7 @@ class GuidedFlowCLI(LightningCLI):
             print(format_table(results))
         path = self.config["test"].get("summary_file")
         if path:
-            write_json(path, test_metrics(results))
+            write_json(path, scalar_test_metrics(results))
 
 
 def command_line_model_options(argv: list[str]) -> set[str]:

@@ -30,7 +30,7 @@ from guided_flow.mask_metrics import MaskTransferEvaluator, is_mask_transfer_bat
 from guided_flow.matching import EPS, argmax_flow
 from guided_flow.metrics import DEFAULT_ALPHAS, DenseFlowMetric, KeypointRecords
 from guided_flow.model import FlowOutput, GuidedFlowModel, check_hyper_parameters
-from guided_flow.test_page import DENSE_ALPHA, TestPageRecorder, log_pairs_table
+from guided_flow.results_page import DENSE_ALPHA, ResultsPageRecorder, log_pairs_table
 from guided_flow.visual import pair_panel
 from guided_flow.viz import save_png
 
@@ -178,7 +178,7 @@ class GuidedFlowStage(pl.LightningModule):
         self._untrained: list[GuidedFlowModel] = []  # a list keeps it out of the state dict
         self.mask_evaluator: MaskTransferEvaluator | None = None
         self.test_results: dict | None = None
-        self.page: TestPageRecorder | None = None  # the interactive page of a test run
+        self.page: ResultsPageRecorder | None = None  # the interactive page of a test run
         self.best_validation: dict[str, float] = {}  # best value of each val/ metric of a fit
         self.skipped_steps = 0  # training steps skipped for a non-finite loss
         self._freeze_untrained()
@@ -527,7 +527,7 @@ class GuidedFlowStage(pl.LightningModule):
                 }
                 write_json(os.path.join(results_dir, "run.json"), run)
         self._write_page(evaluator, records)
-        self.log_dict(test_metrics(self.test_results), sync_dist=False)
+        self.log_dict(scalar_test_metrics(self.test_results), sync_dist=False)
         self._reset_metrics()
 
     def _write_page(
@@ -569,7 +569,7 @@ class GuidedFlowStage(pl.LightningModule):
     def on_test_start(self) -> None:
         """Start the test's page, and build the untrained model that ``compare_untrained``
         scores beside tau."""
-        self.page = TestPageRecorder(self._results_dir())
+        self.page = ResultsPageRecorder(self._results_dir())
         if self.hparams.compare_untrained and not self._untrained:
             hp = self.hparams
             extractor = FeatureExtractor(hp.backbone, hp.weights, 0, hp.feature_layers)
@@ -705,7 +705,7 @@ def validate_before_training(trainer: pl.Trainer) -> None:
         callback._last_global_step_saved = trainer.global_step
 
 
-def test_metrics(results: Mapping) -> dict[str, float]:
+def scalar_test_metrics(results: Mapping) -> dict[str, float]:
     """``test/<metric>`` for each scalar of a test's results (tau's, for dense results), and
     ``test/pck`` = PCK@0.1 where there is one: what loggers and sweep summaries receive."""
     scores = results.get("gsf", results)

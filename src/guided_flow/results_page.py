@@ -45,7 +45,7 @@ def dense_grid_points(flow_valid: torch.Tensor) -> torch.Tensor:
     return points[flow_valid.cpu()[points[:, 1], points[:, 0]]]
 
 
-class TestPageRecorder:
+class ResultsPageRecorder:
     """Collects, during a test, what the page needs beyond the evaluator's records: each pair's
     original sizes and thumbnails (written at once), and the rows of dense pairs."""
 

@@ -12,8 +12,8 @@ from pytorch_lightning.loggers import WandbLogger
 from selenium.webdriver.common.by import By
 
 from guided_flow.cli import main
+from guided_flow.results_page import log_pairs_table, pair_panel_image
 from guided_flow.stages import MatchingStage
-from guided_flow.test_page import log_pairs_table, pair_panel_image
 from tests.helpers import save_stage_checkpoint, wandb_records
 from tests.test_pf_pascal import INPUT, REPO
 from tests.test_pf_willow import image, willow_row, write_willow
