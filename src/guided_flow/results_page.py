@@ -56,19 +56,19 @@ class ResultsPageRecorder:
     def add_batch(self, batch: Mapping) -> None:
         """Write the thumbnails of a batch and keep the pairs' original sizes."""
         meta = batch.get("meta", {})
-        count = batch["source_image"].shape[0]
-        input_size = list(batch["source_image"].shape[-2:])
-        for item in range(count):
+        # one copy of the batch to the host, not one per image
+        sources, targets = (batch[key].detach().cpu() for key in ("source_image", "target_image"))
+        input_size = list(sources.shape[-2:])
+        for item, index in enumerate(batch["index"].tolist()):
             sizes = [
                 meta[key][item].tolist() if key in meta else input_size
                 for key in ("source_size", "target_size")
             ]
-            index = int(batch["index"][item])
             thumbs = write_pair_thumbnails(
                 self.results_dir,
                 index,
-                thumbnail(batch["source_image"][item], sizes[0]),
-                thumbnail(batch["target_image"][item], sizes[1]),
+                thumbnail(sources[item], sizes[0]),
+                thumbnail(targets[item], sizes[1]),
                 size=THUMBNAIL_SIDE,
             )
             self.pairs[index] = {
