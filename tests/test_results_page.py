@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 from pytorch_lightning.loggers import WandbLogger
 from selenium.webdriver.common.by import By
@@ -14,7 +13,7 @@ from selenium.webdriver.common.by import By
 from guided_flow.cli import main
 from guided_flow.results_page import log_pairs_table, pair_panel_image
 from guided_flow.stages import MatchingStage
-from tests.helpers import save_stage_checkpoint, wandb_records
+from tests.helpers import save_stage_checkpoint
 from tests.test_pf_pascal import INPUT, REPO
 from tests.test_pf_willow import image, willow_row, write_willow
 
@@ -94,14 +93,10 @@ def test_the_rows_go_to_wandb_as_a_table_of_pair_panels(results, tmp_path, monke
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), id="tablerun")
     log_pairs_table([logger], str(results), pairs)
     logger.experiment.finish()
-    records = wandb_records(next(tmp_path.rglob("run-tablerun.wandb")))
-    logged = {
-        item.key or "/".join(item.nested_key): json.loads(item.value_json)
-        for record in records
-        if record.WhichOneof("record_type") == "history"
-        for item in record.history.item
-    }
-    # the table, flattened into its fields
-    assert logged["test/pairs/_type"] == "table-file" and logged["test/pairs/nrows"] == 3
-    assert logged["test/pairs/ncols"] == 4
-    assert np.isfinite(pairs[0]["pck"])
+    # the table as the run stores it (its panel images go into the table's artifact)
+    table = json.loads(next(tmp_path.rglob("pairs_*.table.json")).read_text())
+    assert table["columns"] == ["pair_id", "category", "pck", "panel"]
+    assert [row[:3] for row in table["data"]] == [
+        [pair["pair_id"], pair["category"], pair["pck"]] for pair in pairs
+    ]
+    assert all(row[3] is not None for row in table["data"])  # every pair has its panel

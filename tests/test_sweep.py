@@ -91,7 +91,8 @@ def agent_command(tmp_path, monkeypatch, command: list[str], values: dict, run_i
 
     monkeypatch.setenv("WANDB_SWEEP_ID", "local")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_RUN_ID", "unset")  # the agent sets it: restored after the test
+    for name in ("WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):  # the agent sets them: restored after
+        monkeypatch.setenv(name, "unset")
     agent = wandb_agent.Agent(api=None, queue=None, sweep_id="local")
     agent._sweep_command = command
     args = {name: {"value": value} for name, value in values.items()}
