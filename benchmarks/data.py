@@ -34,7 +34,7 @@ from skimage import data as skdata
 from torch.utils.data import DataLoader
 
 from data_modules.spair import CATEGORIES, DIFFICULTY_NAMES, SPairDataModule, SPairDataset
-from guided_flow.imaging import load_image, resize_image
+from guided_flow.io.images import load_image, resize_image
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right")
 LONG_SIDE = 500

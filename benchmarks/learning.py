@@ -34,12 +34,12 @@ import yaml
 
 from data_modules.pf_willow import PFWillowDataModule
 from data_modules.synthetic import SyntheticPairsDataModule
-from guided_flow.evaluation import KeypointEvaluator
-from guided_flow.flow_io import atomic_open
-from guided_flow.geometry import cell_positions
-from guided_flow.metrics import DenseFlowMetric
-from guided_flow.model import FlowOutput
-from guided_flow.stages import GuidedFlowStage, MatchingStage, PruningStage
+from guided_flow.evaluation.keypoints import KeypointEvaluator
+from guided_flow.evaluation.metrics import DenseFlowMetric
+from guided_flow.io.flow_files import atomic_open
+from guided_flow.model.flow_model import FlowOutput
+from guided_flow.model.geometry import cell_positions
+from guided_flow.training.stages import GuidedFlowStage, MatchingStage, PruningStage
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

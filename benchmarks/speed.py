@@ -10,8 +10,8 @@ in turn within each run (rotating their order), so that they see the same machin
   on these features);
 - ``nn_argmax``: backbone + correlation + argmax, the plain nearest-neighbour flow;
 - ``gsf``: the whole Guided Semantic Flow forward (backbone, correlation, both networks,
-  guidance): :meth:`guided_flow.export.FlowPredictor.predict` with the default
-  :class:`~guided_flow.export.InferenceOptions`.
+  guidance): :meth:`guided_flow.cli.export.FlowPredictor.predict` with the default
+  :class:`~guided_flow.cli.export.InferenceOptions`.
 
 All three run under ``torch.inference_mode`` on the same model in the same memory layout, and
 ``nn_argmax`` and ``gsf`` end with the flow in pixels at the input resolution.
@@ -49,13 +49,13 @@ from typing import Any
 import torch
 from skimage import data as skdata
 
-from guided_flow import matching
-from guided_flow.backbone import FeatureExtractor
-from guided_flow.export import FlowPredictor, InferenceOptions
-from guided_flow.geometry import flow_cells_to_pixels
-from guided_flow.imaging import normalise, resize_image
-from guided_flow.model import GuidedFlowModel
-from guided_flow.stages import MatchingStage, PruningStage
+from guided_flow.cli.export import FlowPredictor, InferenceOptions
+from guided_flow.io.images import normalise, resize_image
+from guided_flow.model import volumes
+from guided_flow.model.backbone import FeatureExtractor
+from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.geometry import flow_cells_to_pixels
+from guided_flow.training.stages import MatchingStage, PruningStage
 
 RUNS = 10
 BACKBONES = ("resnet101", "efficientnet_lite0")
@@ -179,23 +179,23 @@ def measure_components(
     """Milliseconds per pair of each GSF step after the backbone, from the features of a batch
     (``2B x D x h x w``, sources then targets)."""
     source, target = features.chunk(2, dim=0)
-    volume = matching.correlation(source, target)
-    confidence = matching.soft_mutual_confidence(volume)
+    volume = volumes.correlation(source, target)
+    confidence = volumes.soft_mutual_confidence(volume)
     refined = confidence * model.pruning_net(confidence)
-    sparse, weight = matching.sparse_guidance(refined, model.rho)
-    guidance = matching.interpolate_guidance(
+    sparse, weight = volumes.sparse_guidance(refined, model.rho)
+    guidance = volumes.interpolate_guidance(
         sparse, weight, model.c_p, model.window_n, model.guidance_model
     )
-    guided = matching.guided_correlation(volume, guidance, model.c_m)
+    guided = volumes.guided_correlation(volume, guidance, model.c_m)
 
     def guidance_steps() -> torch.Tensor:
-        g, v = matching.sparse_guidance(refined, model.rho)
-        dense = matching.interpolate_guidance(g, v, model.c_p, model.window_n, model.guidance_model)
-        return matching.guided_correlation(volume, dense, model.c_m)
+        g, v = volumes.sparse_guidance(refined, model.rho)
+        dense = volumes.interpolate_guidance(g, v, model.c_p, model.window_n, model.guidance_model)
+        return volumes.guided_correlation(volume, dense, model.c_m)
 
     calls = {
-        "correlation": lambda: matching.correlation(source, target),
-        "confidence": lambda: matching.soft_mutual_confidence(volume),
+        "correlation": lambda: volumes.correlation(source, target),
+        "confidence": lambda: volumes.soft_mutual_confidence(volume),
         "pruning_net": lambda: confidence * model.pruning_net(confidence),
         "guidance": guidance_steps,
         "matching_net": lambda: guidance + model.matching_net(guided),
@@ -226,8 +226,8 @@ def measure_inference(
 
     def nn_argmax() -> torch.Tensor:
         source_features, target_features = extract().chunk(2, dim=0)
-        volume = matching.correlation(source_features, target_features)
-        return flow_cells_to_pixels(matching.argmax_flow(volume), size)
+        volume = volumes.correlation(source_features, target_features)
+        return flow_cells_to_pixels(volumes.argmax_flow(volume), size)
 
     with torch.inference_mode():
         calls = {

@@ -18,7 +18,7 @@ import numpy as np
 from pytorch_lightning.utilities import rank_zero_warn
 
 from guided_flow.errors import DataError
-from guided_flow.imaging import load_image
+from guided_flow.io.images import load_image
 
 POINT_TOLERANCE = 1.0
 """Pixels a keypoint or vertex may lie beyond ``[0, W-1] x [0, H-1]`` of its original image:

@@ -11,14 +11,14 @@ The list's columns, by position: source image, target image, class (1..101 in th
 vertex lists and the target polygon's x and y lists (numbers separated by ``;`` or by ``,``
 inside a quoted cell), in original pixels with pixel centres at integers. A polygon's object
 mask is the set of pixels whose centre lies inside it
-(:func:`~guided_flow.mask_metrics.rasterise_polygon`).
+(:func:`~guided_flow.evaluation.masks.rasterise_polygon`).
 
 Items: ``source_image``, ``target_image`` (``3 x H x W`` normalised), ``source_mask``,
 ``target_mask`` (``1 x H x W`` float in {0, 1}: the polygon rasterised on the input grid),
 ``category``, ``index`` and ``meta``: ``pair_name``, ``source_file``, ``target_file``,
 ``category_id``, ``source_size``, ``target_size`` (``2`` (H, W)) and ``source_polygon``,
 ``target_polygon`` (``P x 2`` float32 (x, y) original pixels, NaN-padded), which
-:class:`~guided_flow.mask_metrics.MaskTransferEvaluator` scores (LT-ACC, IoU, LOC-ERR) at the
+:class:`~guided_flow.evaluation.masks.MaskTransferEvaluator` scores (LT-ACC, IoU, LOC-ERR) at the
 original resolution. Bad rows (malformed, a missing or truncated image, a vertex that is not finite
 or lies more than 1 px outside its original image: :mod:`data_modules.bad_pairs`) raise
 :class:`~guided_flow.errors.DataError` naming the file and line, or with ``skip_bad`` are dropped
@@ -51,8 +51,8 @@ from data_modules.pf_pascal import (
     row_error,
     to_tensor,
 )
-from guided_flow.evaluation import rescale_points, resize_scale
-from guided_flow.mask_metrics import rasterise_polygon
+from guided_flow.evaluation.keypoints import rescale_points, resize_scale
+from guided_flow.evaluation.masks import rasterise_polygon
 
 CALTECH_CATEGORIES = (
     "Faces", "Faces_easy", "Leopards", "Motorbikes", "accordion", "airplanes", "anchor", "ant",

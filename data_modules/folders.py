@@ -48,7 +48,7 @@ from data_modules.pf_pascal import masked_cache_item, to_tensor
 from data_modules.sampling import EpochShuffleSampler
 from data_modules.synthetic import IMAGE_SUFFIXES
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.imaging import load_image
+from guided_flow.io.images import load_image
 
 _RESIZE_RECIPE = "pil-bilinear-square+nearest-mask"  # part of the fingerprint
 MASK_MODES = frozenset({"1", "L", "P"})

@@ -55,8 +55,8 @@ from data_modules.bad_pairs import BadPairPolicy, ImageSizes, SkippedPairsReport
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
 from data_modules.sampling import EpochShuffleSampler
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.evaluation import rescale_points, resize_scale
-from guided_flow.imaging import load_image, normalise, resize_image
+from guided_flow.evaluation.keypoints import rescale_points, resize_scale
+from guided_flow.io.images import load_image, normalise, resize_image
 
 VOC_CATEGORIES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -345,7 +345,7 @@ class KeypointPairsDataset(Dataset):
     schema, with ``meta``: ``pair_name``, ``source_file``, ``target_file``, ``category_id``,
     ``source_size``, ``target_size`` (``2`` (H, W)), ``source_kps``, ``target_kps`` (``K x 2``
     original pixels, after the pair's flip, zero-padded), ``flip`` (bool). The PCK bound is the
-    evaluator's alone (:func:`~guided_flow.evaluation.pck_bound`)."""
+    evaluator's alone (:func:`~guided_flow.evaluation.keypoints.pck_bound`)."""
 
     def __init__(self, pairs: PairList, cache: ImageCache, categories: Sequence[str]) -> None:
         if pairs.kps is None or pairs.kps_valid is None:

@@ -18,7 +18,7 @@ masks when the ``Segmentation`` folder exists) are resized once into an HDF5 cac
 the cache carries.
 
 Batches follow the project's schema (DESIGN.md); ``meta`` holds the original-pixel annotations
-that :mod:`guided_flow.evaluation` scores against:
+that :mod:`guided_flow.evaluation.keypoints` scores against:
 
 - ``pair_name``, ``source_file``, ``target_file``: str (files relative to ``JPEGImages``);
 - ``category_id``: int64, the index in :data:`CATEGORIES`;
@@ -48,8 +48,8 @@ from torch.utils.data import DataLoader, Dataset
 from data_modules.bad_pairs import BadPairPolicy, ImageSizes, SkippedPairsReport, point_problem
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.evaluation import rescale_points, resize_scale
-from guided_flow.imaging import load_image, normalise, resize_image
+from guided_flow.evaluation.keypoints import rescale_points, resize_scale
+from guided_flow.io.images import load_image, normalise, resize_image
 
 CATEGORIES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

@@ -32,14 +32,14 @@ from torch.utils.data import DataLoader, Dataset
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
 from data_modules.pf_pascal import PFPascalDataModule, find_pair_list, read_rows
 from data_modules.sampling import EpochShuffleSampler
-from guided_flow.errors import ConfigError, DataError
-from guided_flow.imaging import load_image, normalise, resize_image
-from guided_flow.synthetic_warps import (
+from data_modules.warps import (
     WarpConfig,
     sample_warp_params,
     synthesize_pairs,
     warp_key,
 )
+from guided_flow.errors import ConfigError, DataError
+from guided_flow.io.images import load_image, normalise, resize_image
 
 # The photographs that ship with scikit-image (no download; greyscale ones as RGB). Held-out
 # images come from the end of this order: with the defaults, validation uses chelsea and camera,
@@ -203,7 +203,7 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
             test uses held-out image ``k % n``.
         max_translation, translation_sigma, max_rotation_deg, min_scale, max_scale,
         tps_grid_size, max_tps_offset: warp ranges, see
-            :class:`~guided_flow.synthetic_warps.WarpConfig`.
+            :class:`~data_modules.warps.WarpConfig`.
 
     Batches after :meth:`on_after_batch_transfer`: ``source_image``, ``target_image``
     (``B x 3 x H x W`` normalised), ``flow_s2t`` (``B x 2 x H x W`` pixels), ``flow_valid``

@@ -17,9 +17,9 @@ import guided_flow
 from guided_flow import api
 from guided_flow.api import CheckpointError, GuidedSemanticFlow, flow_to_original_pixels
 from guided_flow.errors import DataError, GuidedFlowError
-from guided_flow.evaluation import rescale_points
-from guided_flow.imaging import resize_image
-from guided_flow.stages import MatchingStage
+from guided_flow.evaluation.keypoints import rescale_points
+from guided_flow.io.images import resize_image
+from guided_flow.training.stages import MatchingStage
 
 SIZE = 160
 SHIFT_CELLS = (1.0, 0.5)  # the constant residual flow of the test checkpoint, in cells

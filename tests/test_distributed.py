@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from guided_flow.stages import MatchingStage
+from guided_flow.training.stages import MatchingStage
 from tests.helpers import save_stage_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,7 +15,7 @@ CONFIG = str(REPO / "experiments" / "demo_stage2.yaml")
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "guided_flow.cli", *args]
+    command = [sys.executable, "-m", "guided_flow.cli.main", *args]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from guided_flow import cli, download
+from guided_flow.cli import download
+from guided_flow.cli import main as cli
 from guided_flow.errors import DataError
 
 

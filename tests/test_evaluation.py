@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from guided_flow.errors import ConfigError
-from guided_flow.evaluation import (
+from guided_flow.evaluation.keypoints import (
     EVAL_RESOLUTIONS,
     KPS_SAMPLINGS,
     PCK_BOUNDS,

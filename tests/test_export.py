@@ -12,12 +12,12 @@ import onnxruntime
 import pytest
 import torch
 
-from guided_flow.backbone import FeatureExtractor
-from guided_flow.cli import main as cli_main
+from guided_flow.cli.export import FlowPredictor, InferenceOptions, example_inputs
+from guided_flow.cli.export import main as export_main
+from guided_flow.cli.main import main as cli_main
 from guided_flow.errors import ConfigError
-from guided_flow.export import FlowPredictor, InferenceOptions, example_inputs
-from guided_flow.export import main as export_main
-from guided_flow.model import GuidedFlowModel
+from guided_flow.model.backbone import FeatureExtractor
+from guided_flow.model.flow_model import GuidedFlowModel
 
 SIZE = 64  # a 4 x 4 feature grid
 

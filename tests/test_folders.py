@@ -194,8 +194,8 @@ def test_finetune_config_trains_stage_two_from_a_checkpoint(
 ) -> None:
     """experiments/finetune_folders.yaml through the CLI: a few steps on the folders, starting
     from --model.init_checkpoint, write the fine-tuned checkpoint with changed networks."""
-    from guided_flow.cli import main
-    from guided_flow.stages import MatchingStage
+    from guided_flow.cli.main import main
+    from guided_flow.training.stages import MatchingStage
     from tests.helpers import save_stage_checkpoint
 
     start = save_stage_checkpoint(MatchingStage(input_size=64), tmp_path / "start.ckpt")

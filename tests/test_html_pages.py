@@ -19,14 +19,14 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 from guided_flow.api import GuidedSemanticFlow, flow_to_original_pixels, warp_source
-from guided_flow.html_pages import (
+from guided_flow.viz.drawing import flow_to_color
+from guided_flow.viz.pages import (
     PAGE_SIZE,
     THUMB_DISPLAY,
     write_match_page,
     write_pair_thumbnails,
     write_results_page,
 )
-from guided_flow.viz import flow_to_color
 
 SOURCE_SIZE, TARGET_SIZE, INPUT_SIZE = (150, 200), (120, 90), (64, 64)  # (H, W)
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 import yaml
 from skimage import data
 
-from guided_flow.imaging import normalise, resize_image
-from guided_flow.matching import argmax_flow
-from guided_flow.stages import MatchingStage, PruningStage
-from guided_flow.synthetic_warps import sample_warp_params, synthesize_pairs
+from data_modules.warps import sample_warp_params, synthesize_pairs
+from guided_flow.io.images import normalise, resize_image
+from guided_flow.model.volumes import argmax_flow
+from guided_flow.training.stages import MatchingStage, PruningStage
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 PRUNING_OPTIONS = (

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from guided_flow import losses
-from guided_flow.model import GuidedFlowModel
+from guided_flow.model import losses
+from guided_flow.model.flow_model import GuidedFlowModel
 from tests.helpers import random_unit_features, shifted_pair
 
 

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from guided_flow import cli
-from guided_flow.flow_io import read_flo
-from guided_flow.stages import MatchingStage
+from guided_flow.cli import main as cli
+from guided_flow.io.flow_files import read_flo
+from guided_flow.training.stages import MatchingStage
 from tests.helpers import save_stage_checkpoint
 from tests.test_api import shifted_flow, textured_image, write_shifted_checkpoint
 

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from guided_flow import matching
-from guided_flow.geometry import warp_by_flow
+from guided_flow.model import volumes
+from guided_flow.model.geometry import warp_by_flow
 from tests.helpers import random_unit_features, shifted_pair
 
 
 def test_correlation_layout_and_relu():
     source = random_unit_features(2, 16, 4, 5, seed=1)
     target = random_unit_features(2, 16, 4, 5, seed=2)
-    volume = matching.correlation(source, target)
+    volume = volumes.correlation(source, target)
     assert volume.shape == (2, 20, 4, 5)
     # channel j = target cell (raster order), spatial = source cell
     i_y, i_x, j = 2, 3, 7
@@ -25,15 +25,15 @@ def test_correlation_layout_and_relu():
 
 def test_identical_pair_confidence_and_guidance_are_exact():
     features = random_unit_features(1, 64, 6, 6, seed=3)
-    volume = matching.correlation(features, features)
-    confidence = matching.soft_mutual_confidence(volume)
+    volume = volumes.correlation(features, features)
+    confidence = volumes.soft_mutual_confidence(volume)
     diagonal = confidence.view(1, 36, 36).diagonal(dim1=1, dim2=2)
     assert torch.allclose(diagonal, torch.ones_like(diagonal), atol=1e-4)
     assert confidence.max() <= 1.0 + 1e-5
-    sparse, weight = matching.sparse_guidance(confidence, rho=0.9)
+    sparse, weight = volumes.sparse_guidance(confidence, rho=0.9)
     assert (weight > 0).all()
     assert torch.allclose(sparse, torch.zeros_like(sparse), atol=1e-5)
-    dense = matching.interpolate_guidance(sparse, weight, c_p=5.0, window=5)
+    dense = volumes.interpolate_guidance(sparse, weight, c_p=5.0, window=5)
     assert torch.allclose(dense, torch.zeros_like(dense), atol=1e-5)
 
 
@@ -42,15 +42,15 @@ def test_identical_pair_confidence_and_guidance_are_exact():
 def test_shifted_pair_guidance_recovers_the_shift(shift, model):
     h = w = 12
     source, target = shifted_pair(2, 128, h, w, shift, seed=4)
-    confidence = matching.soft_mutual_confidence(matching.correlation(source, target))
-    sparse, weight = matching.sparse_guidance(confidence, rho=0.9)
+    confidence = volumes.soft_mutual_confidence(volumes.correlation(source, target))
+    sparse, weight = volumes.sparse_guidance(confidence, rho=0.9)
     sx, sy = shift
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     covered = (xs + sx >= 0) & (xs + sx < w) & (ys + sy >= 0) & (ys + sy < h)
     expected = torch.tensor([sx, sy], dtype=torch.float32).view(1, 2, 1, 1)
     assert (weight[:, 0][:, covered] > 0).all()
     assert torch.allclose(sparse[:, :, covered], expected.view(1, 2, 1).expand(2, 2, 1), atol=1e-5)
-    dense = matching.interpolate_guidance(sparse, weight, c_p=5.0, window=5, model=model)
+    dense = volumes.interpolate_guidance(sparse, weight, c_p=5.0, window=5, model=model)
     # interior: every neighbour within the 5x5 window is covered and valid
     interior = torch.nn.functional.max_pool2d((~covered).float()[None, None], 5, 1, 2)[0, 0] == 0
     assert torch.allclose(dense[:, :, interior], expected.view(1, 2, 1), atol=1e-4)
@@ -114,11 +114,11 @@ def test_three_by_three_case_matches_an_independent_loop_implementation():
     corr, conf, guide, weight, dense, guided = _numpy_reference(
         source[0].double().numpy(), target[0].double().numpy(), rho, c_p, window, c_m, pruning
     )
-    volume = matching.correlation(source, target)
-    confidence = matching.soft_mutual_confidence(volume)
-    sparse, v = matching.sparse_guidance(confidence * pruning, rho)
-    g_dense = matching.interpolate_guidance(sparse, v, c_p, window)
-    c_guided = matching.guided_correlation(volume, g_dense, c_m)
+    volume = volumes.correlation(source, target)
+    confidence = volumes.soft_mutual_confidence(volume)
+    sparse, v = volumes.sparse_guidance(confidence * pruning, rho)
+    g_dense = volumes.interpolate_guidance(sparse, v, c_p, window)
+    c_guided = volumes.guided_correlation(volume, g_dense, c_m)
 
     def as_ij(t):  # B x J x h x w -> [i, j]
         return t[0].reshape(9, 9).t().double().numpy()
@@ -140,7 +140,7 @@ def test_guidance_is_zero_where_no_neighbour_is_valid():
     weight = torch.zeros(1, 1, 9, 9)
     sparse[0, :, 0, 0] = torch.tensor([1.0, -2.0])
     weight[0, 0, 0, 0] = 0.95
-    dense = matching.interpolate_guidance(sparse, weight, c_p=5.0, window=5)
+    dense = volumes.interpolate_guidance(sparse, weight, c_p=5.0, window=5)
     assert torch.allclose(dense[0, :, 0, 0], torch.tensor([1.0, -2.0]), atol=1e-5)
     assert torch.allclose(dense[0, :, 2, 2], torch.tensor([1.0, -2.0]), atol=1e-5)
     assert (dense[0, :, 3:, :] == 0).all() and (dense[0, :, :, 3:] == 0).all()
@@ -152,8 +152,8 @@ def test_affine_guidance_recovers_a_linear_field_where_translation_cannot():
     # G = A p + t with a rotation/scale part: a translation average is biased at the borders
     sparse = torch.stack((0.1 * xs - 0.05 * ys + 1.0, 0.05 * xs + 0.1 * ys - 0.5))[None]
     weight = torch.ones(1, 1, h, w)
-    affine = matching.interpolate_guidance(sparse, weight, 5.0, 5, model="affine")
-    translation = matching.interpolate_guidance(sparse, weight, 5.0, 5, model="translation")
+    affine = volumes.interpolate_guidance(sparse, weight, 5.0, 5, model="affine")
+    translation = volumes.interpolate_guidance(sparse, weight, 5.0, 5, model="translation")
     assert torch.allclose(affine, sparse, atol=1e-3)
     assert (translation - sparse).abs().max() > 0.05
 
@@ -162,7 +162,7 @@ def test_guided_correlation_damps_away_from_the_guided_position():
     volume = torch.ones(1, 16, 4, 4)
     guidance = torch.zeros(1, 2, 4, 4)
     guidance[0, 0] = 1.0  # guided position of every source cell: one cell to the right
-    damped = matching.guided_correlation(volume, guidance, c_m=5.0)
+    damped = volumes.guided_correlation(volume, guidance, c_m=5.0)
     # source cell (x=1, y=2): guided target (2, 2) keeps its value, target (0, 0) is damped
     assert torch.isclose(damped[0, 2 * 4 + 2, 2, 1], torch.tensor(1.0))
     assert torch.isclose(damped[0, 0, 2, 1], torch.tensor(math.exp(-(4 + 4) / 10)))
@@ -170,7 +170,7 @@ def test_guided_correlation_damps_away_from_the_guided_position():
 
 def test_argmax_flow_of_a_shifted_pair():
     source, target = shifted_pair(1, 64, 8, 8, (1, 2), seed=6)
-    flow = matching.argmax_flow(matching.correlation(source, target))
+    flow = volumes.argmax_flow(volumes.correlation(source, target))
     assert (flow[0, 0, :6, :7] == 1).all() and (flow[0, 1, :6, :7] == 2).all()
 
 
@@ -178,7 +178,7 @@ def test_guided_soft_argmax_of_an_identity_volume_is_zero():
     # every source cell's best target is itself and the prior is centred there (G' = 0)
     h, w = 4, 5
     volume = torch.eye(h * w).view(1, h * w, h, w)
-    flow = matching.guided_soft_argmax(volume, torch.zeros(1, 2, h, w), c_m=5.0, beta=100.0)
+    flow = volumes.guided_soft_argmax(volume, torch.zeros(1, 2, h, w), c_m=5.0, beta=100.0)
     assert flow.shape == (1, 2, h, w)
     assert torch.allclose(flow, torch.zeros_like(flow), atol=1e-6)
 
@@ -189,7 +189,7 @@ def test_guided_soft_argmax_hand_computed_case():
     # (3, 1/2), expected x = 1/7; source cell 1 has C = (0.5, 0.5): weights (1/2, 1), expected
     # x = 2/3, displacement -1/3.
     volume = torch.tensor([[1.0, 0.5], [0.0, 0.5]]).view(1, 2, 1, 2)
-    flow = matching.guided_soft_argmax(
+    flow = volumes.guided_soft_argmax(
         volume, torch.zeros(1, 2, 1, 2), c_m=1 / (2 * math.log(2.0)), beta=math.log(3.0)
     )
     expected = torch.tensor([[1 / 7, -1 / 3], [0.0, 0.0]]).view(1, 2, 1, 2)
@@ -201,8 +201,8 @@ def test_guided_soft_argmax_of_a_shifted_pair_recovers_the_shift(shift):
     # G' = 0 (a prior one or two cells off): the correlation evidence moves S to the shift
     h = w = 10
     source, target = shifted_pair(1, 128, h, w, shift, seed=5)
-    volume = matching.correlation(source, target)
-    flow = matching.guided_soft_argmax(volume, torch.zeros(1, 2, h, w), 5.0, 100.0)
+    volume = volumes.correlation(source, target)
+    flow = volumes.guided_soft_argmax(volume, torch.zeros(1, 2, h, w), 5.0, 100.0)
     sx, sy = shift
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     covered = (xs + sx >= 0) & (xs + sx < w) & (ys + sy >= 0) & (ys + sy < h)
@@ -215,8 +215,8 @@ def test_guided_soft_argmax_is_the_softmax_of_c_times_the_gaussian_renormalised(
     h, w = 3, 4
     volume = torch.rand(2, h * w, h, w)
     guidance = torch.randn(2, 2, h, w)
-    flow = matching.guided_soft_argmax(volume, guidance, c_m=2.0, beta=7.0)
-    gaussian = matching.guided_correlation(torch.ones_like(volume), guidance, 2.0)
+    flow = volumes.guided_soft_argmax(volume, guidance, c_m=2.0, beta=7.0)
+    gaussian = volumes.guided_correlation(torch.ones_like(volume), guidance, 2.0)
     weights = torch.exp(7.0 * volume) * gaussian
     weights = weights / weights.sum(dim=1, keepdim=True)
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -231,5 +231,5 @@ def test_guided_soft_argmax_with_a_flat_volume_returns_the_guidance_in_the_inter
     # is not cut by the border
     h = w = 15
     guidance = torch.tensor([1.0, -1.0]).view(1, 2, 1, 1).expand(1, 2, h, w)
-    flow = matching.guided_soft_argmax(torch.zeros(1, h * w, h, w), guidance, 1.0, 50.0)
+    flow = volumes.guided_soft_argmax(torch.zeros(1, h * w, h, w), guidance, 1.0, 50.0)
     assert torch.allclose(flow[0, :, 6:9, 6:9], guidance[0, :, 6:9, 6:9], atol=1e-3)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from guided_flow.metrics import DenseFlowMetric, KeypointPCK
+from guided_flow.evaluation.metrics import DenseFlowMetric, KeypointPCK
 
 
 def keypoint_data(pairs: int = 12, kps: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:

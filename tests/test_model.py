@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from guided_flow import matching
 from guided_flow.errors import ConfigError
-from guided_flow.model import GuidedFlowModel
-from guided_flow.networks import EncoderDecoder, MatchingNet, PruningNet
+from guided_flow.model import volumes
+from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.networks import EncoderDecoder, MatchingNet, PruningNet
 from tests.helpers import random_unit_features, shifted_pair
 
 
@@ -154,7 +154,7 @@ def test_soft_argmax_base_adds_the_residual_to_the_guided_soft_argmax():
         model.matching_net.body.conv8.bias.fill_(1.0)
     source, target = shifted_pair(1, 32, 10, 10, (1, 0), seed=15)
     out = model.forward_features(source, target)
-    expected = matching.guided_soft_argmax(out.correlation, out.guidance, 2.0, 50.0) + 1.0
+    expected = volumes.guided_soft_argmax(out.correlation, out.guidance, 2.0, 50.0) + 1.0
     assert torch.allclose(out.flow, expected, atol=1e-5)
     plain = model.forward_features(source, target, refine=False)
     assert torch.equal(plain.flow, plain.guidance)

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from guided_flow.stages import NonFiniteLossError, PruningStage
+from guided_flow.training.stages import NonFiniteLossError, PruningStage
 
 
 class PoisonedStage(PruningStage):

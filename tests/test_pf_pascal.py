@@ -18,11 +18,11 @@ from PIL import Image
 
 from data_modules.pf_pascal import VOC_CATEGORIES, PFPascalDataModule
 from data_modules.synthetic import pf_pascal_source
-from guided_flow.cli import main
+from guided_flow.cli.main import main
 from guided_flow.errors import DataError
-from guided_flow.evaluation import KeypointEvaluator
-from guided_flow.imaging import denormalise
-from guided_flow.stages import MatchingStage
+from guided_flow.evaluation.keypoints import KeypointEvaluator
+from guided_flow.io.images import denormalise
+from guided_flow.training.stages import MatchingStage
 from tests.helpers import save_stage_checkpoint
 
 INPUT = 64

@@ -12,7 +12,7 @@ import torch
 
 from data_modules.pf_willow import KEYPOINTS, WILLOW_CATEGORIES, PFWillowDataModule
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.evaluation import pck_bound
+from guided_flow.evaluation.keypoints import pck_bound
 from tests.test_pf_pascal import INPUT, affine_flow, evaluate, write_image
 
 HEADER = ["imageA", "imageB"] + [

@@ -26,9 +26,9 @@ from data_modules.pf_pascal import PairList, PFPascalDataModule, read_rows
 from data_modules.pf_willow import COLUMNS as WILLOW_COLUMNS
 from data_modules.pf_willow import read_willow_pairs
 from data_modules.spair import REQUIRED_KEYS, read_split
+from data_modules.warps import WarpParams, synthesize_pairs, tps_control_points
 from guided_flow.errors import GuidedFlowError
-from guided_flow.geometry import cell_positions, transfer_keypoints, warp_by_flow
-from guided_flow.synthetic_warps import WarpParams, synthesize_pairs, tps_control_points
+from guided_flow.model.geometry import cell_positions, transfer_keypoints, warp_by_flow
 from tests.test_pf_pascal import write_image
 from tests.test_spair import REAL_PAIR
 from tests.test_synthetic_warps import smooth_image

@@ -9,10 +9,10 @@ import torch
 
 from data_modules.pf_pascal import PFPascalDataModule
 from data_modules.pf_willow import PFWillowDataModule
-from guided_flow.cli import main
+from guided_flow.cli.main import main
 from guided_flow.errors import ConfigError
-from guided_flow.evaluation import PCK_PROTOCOLS, resolve_protocol
-from guided_flow.stages import EvaluationOptions, MatchingStage
+from guided_flow.evaluation.keypoints import PCK_PROTOCOLS, resolve_protocol
+from guided_flow.training.stages import EvaluationOptions, MatchingStage
 from tests.helpers import save_stage_checkpoint
 from tests.test_pf_pascal import INPUT, REPO, training_layout
 from tests.test_pf_willow import image, willow_row, write_willow

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from guided_flow import reference
-from guided_flow.cli import PROJECT_OPTIONS, TOOL_COMMANDS, main, run_lightning
+from guided_flow.cli.main import PROJECT_OPTIONS, TOOL_COMMANDS, main, run_lightning
+from tools import command_reference as reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_reference_matches_the_cli():
     readme = (ROOT / "README.md").read_text()
     assert reference.readme_section(readme) == reference.render(), (
-        "README.md's command reference is stale: run `python -m guided_flow.reference`"
+        "README.md's command reference is stale: run `python -m tools.command_reference`"
     )
 
 

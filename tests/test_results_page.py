@@ -10,9 +10,9 @@ import pytest
 from pytorch_lightning.loggers import WandbLogger
 from selenium.webdriver.common.by import By
 
-from guided_flow.cli import main
-from guided_flow.results_page import log_pairs_table, pair_panel_image
-from guided_flow.stages import MatchingStage
+from guided_flow.cli.main import main
+from guided_flow.training.stages import MatchingStage
+from guided_flow.viz.results_recorder import log_pairs_table, pair_panel_image
 from tests.helpers import save_stage_checkpoint
 from tests.test_pf_pascal import INPUT, REPO
 from tests.test_pf_willow import image, willow_row, write_willow

@@ -44,7 +44,7 @@ def _config(tmp_path: Path, last_every: dict) -> Path:
 
 
 def _fit(config: Path, cwd: Path, name: str, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "guided_flow.cli", "fit", "--config", str(config)]
+    command = [sys.executable, "-m", "guided_flow.cli.main", "fit", "--config", str(config)]
     command += [f"--trainer.default_root_dir={cwd / name}", f"--summary_file={cwd / name}.json"]
     log = open(cwd / f"{name}.log", "w")
     return subprocess.Popen([*command, *extra], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)

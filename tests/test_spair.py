@@ -14,8 +14,8 @@ from PIL import Image
 
 from data_modules.spair import CATEGORIES, DIFFICULTY_NAMES, SPairDataModule
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.evaluation import KeypointEvaluator
-from guided_flow.imaging import denormalise
+from guided_flow.evaluation.keypoints import KeypointEvaluator
+from guided_flow.io.images import denormalise
 from tests.helpers import save_stage_checkpoint
 
 # The real annotation of SPair-71k test pair 1 (PairAnnotation/test/<name>.json).
@@ -315,8 +315,8 @@ def test_missing_root_says_how_to_download(tmp_path):
 @pytest.mark.slow
 def test_guided_flow_test_on_spair_writes_the_tables(tmp_path, capsys):
 
-    from guided_flow.cli import main
-    from guided_flow.stages import MatchingStage
+    from guided_flow.cli.main import main
+    from guided_flow.training.stages import MatchingStage
 
     root = tmp_path / "SPair-71k"
     write_spair(root, mixed_records())

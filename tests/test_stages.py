@@ -4,10 +4,10 @@ import pytest
 import torch
 from skimage import data as skdata
 
+from data_modules.warps import sample_warp_params, synthesize_pairs
 from guided_flow.errors import ConfigError
-from guided_flow.imaging import normalise, resize_image
-from guided_flow.stages import MatchingStage, PruningStage, load_stage_weights
-from guided_flow.synthetic_warps import sample_warp_params, synthesize_pairs
+from guided_flow.io.images import normalise, resize_image
+from guided_flow.training.stages import MatchingStage, PruningStage, load_stage_weights
 from tests.helpers import save_stage_checkpoint
 
 SIZE = 160

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from guided_flow.cli import main, run_lightning
+from guided_flow.cli.main import main, run_lightning
+from guided_flow.cli.sweep import load_sweep
 from guided_flow.errors import ConfigError
-from guided_flow.sweep import load_sweep
 from tests.helpers import wandb_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ def test_non_grid_sweeps_are_refused_with_the_file_named(tmp_path):
 
 @pytest.mark.slow
 def test_test_time_grid_scores_one_checkpoint_per_trial(tmp_path, monkeypatch):
-    from guided_flow.stages import MatchingStage
+    from guided_flow.training.stages import MatchingStage
     from tests.helpers import save_stage_checkpoint
     from tests.test_pf_pascal import INPUT, TEST_HEADER, keypoint_row, write_layout
 

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from data_modules.synthetic import SKIMAGE_PHOTOS, SyntheticPairsDataModule
+from data_modules.warps import warp_key
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.geometry import warp_by_flow
-from guided_flow.imaging import (
+from guided_flow.io.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     denormalise,
@@ -23,7 +23,7 @@ from guided_flow.imaging import (
     normalise,
     resize_image,
 )
-from guided_flow.synthetic_warps import warp_key
+from guided_flow.model.geometry import warp_by_flow
 
 SIZE = 64
 

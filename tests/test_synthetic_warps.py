@@ -7,9 +7,7 @@ import math
 import pytest
 import torch
 
-from guided_flow.errors import ConfigError
-from guided_flow.geometry import cell_positions, warp_by_flow
-from guided_flow.synthetic_warps import (
+from data_modules.warps import (
     WarpConfig,
     WarpParams,
     dense_flow,
@@ -19,6 +17,8 @@ from guided_flow.synthetic_warps import (
     warp_key,
     warp_points,
 )
+from guided_flow.errors import ConfigError
+from guided_flow.model.geometry import cell_positions, warp_by_flow
 
 
 def smooth_image(batch: int, height: int, width: int, dtype=torch.float32) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from data_modules.synthetic import SyntheticPairsDataModule
-from guided_flow.stages import MatchingStage
+from guided_flow.training.stages import MatchingStage
 
 
 @pytest.mark.slow

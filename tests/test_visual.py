@@ -5,8 +5,8 @@ import pytest
 import pytorch_lightning as pl
 
 from data_modules.synthetic import SyntheticPairsDataModule
-from guided_flow.loggers import AutoWandbLogger
-from guided_flow.stages import PruningStage
+from guided_flow.training.loggers import AutoWandbLogger
+from guided_flow.training.stages import PruningStage
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_validation_sends_pair_panels_to_wandb(tmp_path, monkeypatch):
 def test_pair_panel_shows_every_view():
     import torch
 
-    from guided_flow.visual import pair_panel
+    from guided_flow.viz.panels import pair_panel
 
     stage = PruningStage(input_size=160).eval()
     images = torch.randn(2, 3, 160, 160)

@@ -1,4 +1,4 @@
-"""Tests of guided_flow.viz and guided_flow.flow_io."""
+"""Tests of guided_flow.viz.drawing and guided_flow.io.flow_files."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from guided_flow.errors import DataError
-from guided_flow.flow_io import FLO_MAGIC, read_flo, write_flo, write_flow_npy
-from guided_flow.viz import (
+from guided_flow.io.flow_files import FLO_MAGIC, read_flo, write_flo, write_flow_npy
+from guided_flow.viz.drawing import (
     draw_keypoints,
     draw_matches,
     flow_to_color,

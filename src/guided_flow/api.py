@@ -4,7 +4,7 @@ for inference on images of any size and aspect ratio.
 Each image is resized (anisotropically, bilinear) to the model's square input, the model runs
 once in each direction, and every result is mapped back to the **original pixels** of the
 images (pixel centres at integers, the convention of
-:func:`~guided_flow.evaluation.rescale_points`).
+:func:`~guided_flow.evaluation.keypoints.rescale_points`).
 Flows are ``H x W x 2`` float32 arrays of (dx, dy) displacements in pixels: ``flow_s2t`` lives
 on the source grid and points into the target, ``flow_t2s`` the reverse.
 """
@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from guided_flow.backbone import _one_line
 from guided_flow.errors import GuidedFlowError
-from guided_flow.evaluation import rescale_points, resize_scale
-from guided_flow.geometry import cell_positions, sample_at, transfer_keypoints
-from guided_flow.imaging import load_image, normalise, resize_image
-from guided_flow.model import GuidedFlowModel
-from guided_flow.stages import MatchingStage
+from guided_flow.evaluation.keypoints import rescale_points, resize_scale
+from guided_flow.io.images import load_image, normalise, resize_image
+from guided_flow.model.backbone import _one_line
+from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.geometry import cell_positions, sample_at, transfer_keypoints
+from guided_flow.training.stages import MatchingStage
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 """A file path, a PIL image, an ``H x W (x 3|4)`` array or a ``(3|1) x H x W`` tensor; arrays
@@ -70,7 +70,7 @@ class MatchResult:
 
 def as_rgb(image: ImageInput) -> np.ndarray:
     """Any :data:`ImageInput` -> ``H x W x 3`` uint8 RGB. Files are read with
-    :func:`~guided_flow.imaging.load_image` (a missing or unreadable file raises
+    :func:`~guided_flow.io.images.load_image` (a missing or unreadable file raises
     :class:`~guided_flow.errors.DataError` naming it); grey images are repeated over the three
     channels and alpha is dropped. Raises TypeError / ValueError for other types and shapes."""
     if isinstance(image, str | os.PathLike):

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from guided_flow import matching
-from guided_flow.backbone import FeatureExtractor
 from guided_flow.errors import ConfigError
-from guided_flow.geometry import cell_positions, flow_cells_to_pixels
-from guided_flow.networks import MatchingNet, PruningNet
+from guided_flow.model import volumes
+from guided_flow.model.backbone import FeatureExtractor
+from guided_flow.model.geometry import cell_positions, flow_cells_to_pixels
+from guided_flow.model.networks import MatchingNet, PruningNet
 
 GUIDANCE_MODELS = ("translation", "affine")
 # What the matching residual is added to: tau = G' + M(C') (section 8) or the proposed
-# tau = S + M(C'), S the soft-argmax of C under the Gaussian of C' (matching.guided_soft_argmax).
+# tau = S + M(C'), S the soft-argmax of C under the Gaussian of C' (volumes.guided_soft_argmax).
 FLOW_BASES = ("guidance", "soft_argmax")
 
 
@@ -44,8 +44,8 @@ class FlowOutput:
     @property
     def initial_density(self) -> torch.Tensor:
         """``B``: fraction of source cells with some Q > rho (METHOD.md section 3 calibration)."""
-        has_match = matching.source_cells_with_match(
-            matching.confident_mask(self.confidence, self.rho)
+        has_match = volumes.source_cells_with_match(
+            volumes.confident_mask(self.confidence, self.rho)
         )
         return has_match.flatten(1).float().mean(dim=1)
 
@@ -106,7 +106,7 @@ class GuidedFlowModel(nn.Module):
 
     ``flow_base="soft_argmax"`` is the proposed tau = S + M(C'), S the soft-argmax of
     ``soft_argmax_beta`` C under the Gaussian of variance ``c_m`` around p_i + G'_i
-    (:func:`~guided_flow.matching.guided_soft_argmax`; weight-free, so an untrained model gives
+    (:func:`~guided_flow.model.volumes.guided_soft_argmax`; weight-free, so an untrained model gives
     S).
 
     ``grid`` is the feature grid (h, w); the networks' first and last layers have h*w channels,
@@ -170,19 +170,19 @@ class GuidedFlowModel(nn.Module):
                 f"feature grid {tuple(source_features.shape[-2:])} does not match the model's "
                 f"grid {self.grid}"
             )
-        volume = matching.correlation(source_features, target_features)
-        confidence = matching.soft_mutual_confidence(volume)
+        volume = volumes.correlation(source_features, target_features)
+        confidence = volumes.soft_mutual_confidence(volume)
         refined = confidence * self.pruning_net(confidence)
-        sparse, weight = matching.sparse_guidance(refined, self.rho)
-        guidance = matching.interpolate_guidance(
+        sparse, weight = volumes.sparse_guidance(refined, self.rho)
+        guidance = volumes.interpolate_guidance(
             sparse, weight, self.c_p, self.window_n, self.guidance_model
         )
         flow = guidance
         if refine:
-            guided_volume = matching.guided_correlation(volume, guidance, self.c_m)
+            guided_volume = volumes.guided_correlation(volume, guidance, self.c_m)
             base = guidance
             if self.flow_base == "soft_argmax":
-                base = matching.guided_soft_argmax(
+                base = volumes.guided_soft_argmax(
                     volume, guidance, self.c_m, self.soft_argmax_beta
                 )
             flow = base + self.matching_net(guided_volume)

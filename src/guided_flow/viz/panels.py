@@ -9,10 +9,10 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from guided_flow import viz
-from guided_flow.geometry import transfer_keypoints
-from guided_flow.imaging import denormalise
-from guided_flow.model import FlowOutput, GuidedFlowModel
+from guided_flow.io.images import denormalise
+from guided_flow.model.flow_model import FlowOutput, GuidedFlowModel
+from guided_flow.model.geometry import transfer_keypoints
+from guided_flow.viz import drawing
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -35,16 +35,16 @@ def pair_panel(
     size = tuple(source_image.shape[-2:])
     flow_t2s = model(target_image, source_image).flow_pixels(size)[0]
     source, target = to_uint8(source_image[0]), to_uint8(target_image[0])
-    images = [source, target, viz.warp_image(source, flow_t2s)]
+    images = [source, target, drawing.warp_image(source, flow_t2s)]
     titles = ["source", "target", "source warped to target"]
-    images.append(viz.flow_to_color(out.flow_pixels(size)[item]))
+    images.append(drawing.flow_to_color(out.flow_pixels(size)[item]))
     titles.append("flow (source grid)")
-    images.append(viz.draw_matches(source, target, *out.confident_matches(item, size)))
+    images.append(drawing.draw_matches(source, target, *out.confident_matches(item, size)))
     titles.append("confident matches (Q' > rho)")
     if "source_kps" in batch:
         valid = batch["kps_valid"][item]
         kps = batch["source_kps"][item : item + 1]
         moved = transfer_keypoints(out.flow_pixels(size)[item : item + 1], kps)[0][valid]
-        images.append(viz.draw_keypoints(target, moved))
+        images.append(drawing.draw_keypoints(target, moved))
         titles.append("keypoints transferred")
-    return viz.panel(images, titles)
+    return drawing.panel(images, titles)

@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from guided_flow.errors import ConfigError
-from guided_flow.flow_io import atomic_open
+from guided_flow.io.flow_files import atomic_open
 
 DEFAULT_METRIC = "val/pck"
 
@@ -105,7 +105,7 @@ def trial_command(
         if token in ("${env}", "${interpreter}"):
             continue
         if token in ("${program}", "guided-flow"):
-            command += [sys.executable, "-m", "guided_flow.cli"]
+            command += [sys.executable, "-m", "guided_flow.cli.main"]
         elif token == "${args}":
             command += [f"--{name}={value}" for name, value in values.items()]
         elif token == "--config":

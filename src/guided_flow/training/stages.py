@@ -20,19 +20,19 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
-from guided_flow import losses
-from guided_flow.backbone import FeatureExtractor
 from guided_flow.errors import ConfigError, GuidedFlowError
-from guided_flow.evaluation import HITS_ALPHA, KeypointEvaluator
-from guided_flow.flow_io import atomic_open
-from guided_flow.geometry import flow_cells_to_pixels
-from guided_flow.mask_metrics import MaskTransferEvaluator, is_mask_transfer_batch
-from guided_flow.matching import EPS, argmax_flow
-from guided_flow.metrics import DEFAULT_ALPHAS, DenseFlowMetric, KeypointRecords
-from guided_flow.model import FlowOutput, GuidedFlowModel, check_hyper_parameters
-from guided_flow.results_page import DENSE_ALPHA, ResultsPageRecorder, log_pairs_table
-from guided_flow.visual import pair_panel
-from guided_flow.viz import save_png
+from guided_flow.evaluation.keypoints import HITS_ALPHA, KeypointEvaluator
+from guided_flow.evaluation.masks import MaskTransferEvaluator, is_mask_transfer_batch
+from guided_flow.evaluation.metrics import DEFAULT_ALPHAS, DenseFlowMetric, KeypointRecords
+from guided_flow.io.flow_files import atomic_open
+from guided_flow.model import losses
+from guided_flow.model.backbone import FeatureExtractor
+from guided_flow.model.flow_model import FlowOutput, GuidedFlowModel, check_hyper_parameters
+from guided_flow.model.geometry import flow_cells_to_pixels
+from guided_flow.model.volumes import EPS, argmax_flow
+from guided_flow.viz.drawing import save_png
+from guided_flow.viz.panels import pair_panel
+from guided_flow.viz.results_recorder import DENSE_ALPHA, ResultsPageRecorder, log_pairs_table
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
@@ -51,7 +51,8 @@ class NonFiniteLossError(GuidedFlowError):
 
 @dataclass
 class EvaluationOptions:
-    """How benchmark keypoints are evaluated (see :mod:`guided_flow.evaluation`); ``None`` lets
+    """How benchmark keypoints are evaluated (see :mod:`guided_flow.evaluation.keypoints`);
+    ``None`` lets
     the data module choose its benchmark's protocol."""
 
     pck_bound: str | None = None
@@ -86,7 +87,7 @@ class GuidedFlowStage(pl.LightningModule):
     Every argument is a plain value so that it reads from the command line
     (``--model.rho 0.9``) and is saved in every checkpoint. ``trainable_blocks=None`` takes the
     stage's default (stage 1: 0, W_F frozen; stage 2: 1); ``feature_layers=None`` the backbone's
-    default layers (:class:`~guided_flow.backbone.FeatureExtractor`).
+    default layers (:class:`~guided_flow.model.backbone.FeatureExtractor`).
 
     Optimisation (:meth:`configure_optimizers`): one parameter group per trained part, W_P, W_M
     and W_F, at ``lr`` times ``pruning_lr_mult``, ``matching_lr_mult`` and ``backbone_lr_mult``;
@@ -101,7 +102,7 @@ class GuidedFlowStage(pl.LightningModule):
 
     ``flow_base``: ``"guidance"`` (section 8, tau = G' + M(C')) or ``"soft_argmax"`` (proposed
     formulation: tau = S + M(C'), S the weight-free soft-argmax of ``soft_argmax_beta`` C under
-    the Gaussian of C', :func:`guided_flow.matching.guided_soft_argmax`; README, decisions).
+    the Gaussian of C', :func:`guided_flow.model.volumes.guided_soft_argmax`; README, decisions).
     Checkpoints written before these options existed load with the default, ``"guidance"``.
     """
 

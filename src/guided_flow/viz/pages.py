@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from guided_flow.flow_io import atomic_open
+from guided_flow.io.flow_files import atomic_open
 
 DISPLAY_SIZE = 480
 """Longest side, in CSS pixels, of each picture on the match page."""

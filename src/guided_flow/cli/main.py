@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 from pytorch_lightning.cli import LightningCLI
 
-from guided_flow.callbacks import FlowWriter
 from guided_flow.errors import ConfigError, GuidedFlowError
-from guided_flow.evaluation import (
+from guided_flow.evaluation.keypoints import (
     EVAL_RESOLUTIONS,
     KPS_SAMPLINGS,
     PCK_BOUNDS,
@@ -33,7 +32,13 @@ from guided_flow.evaluation import (
     format_table,
     resolve_protocol,
 )
-from guided_flow.stages import EvaluationOptions, GuidedFlowStage, scalar_test_metrics, write_json
+from guided_flow.training.callbacks import FlowWriter
+from guided_flow.training.stages import (
+    EvaluationOptions,
+    GuidedFlowStage,
+    scalar_test_metrics,
+    write_json,
+)
 
 # Every command with its one-line description, in the order ``guided-flow --help`` lists them.
 COMMANDS = {
@@ -49,10 +54,10 @@ COMMANDS = {
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # The project's own commands: name -> module whose ``main(argv) -> int`` runs it.
 TOOL_COMMANDS = {
-    "download": "guided_flow.download",
-    "match": "guided_flow.match",
-    "sweep": "guided_flow.sweep",
-    "export": "guided_flow.export",
+    "download": "guided_flow.cli.download",
+    "match": "guided_flow.cli.match",
+    "sweep": "guided_flow.cli.sweep",
+    "export": "guided_flow.cli.export",
 }
 # Model options that change only G', C' and the flow base (no weight depends on them): given on
 # the command line, they override a checkpoint's values.
@@ -143,7 +148,7 @@ class GuidedFlowCLI(LightningCLI):
             )
         # A test config may leave the model out: --ckpt_path then supplies the stage and its
         # hyper-parameters.
-        parser.set_defaults({"model": {"class_path": "guided_flow.stages.MatchingStage"}})
+        parser.set_defaults({"model": {"class_path": "guided_flow.training.stages.MatchingStage"}})
         parser.link_arguments(
             "model",
             "data.init_args.image_size",

@@ -1,7 +1,7 @@
 """Flow files: Middlebury ``.flo``, ``.npy``, and atomic file writing.
 
 Flows in files are ``H x W x 2`` float32 in pixels (channel 0 = dx, channel 1 = dy); the direction
-is the caller's to name (``flow_s2t`` or ``flow_t2s``, see :mod:`guided_flow.geometry`).
+is the caller's to name (``flow_s2t`` or ``flow_t2s``, see :mod:`guided_flow.model.geometry`).
 """
 
 from __future__ import annotations

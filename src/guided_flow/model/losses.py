@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from guided_flow.geometry import warp_by_flow
-from guided_flow.matching import EPS, confident_mask, source_cells_with_match
+from guided_flow.model.geometry import warp_by_flow
+from guided_flow.model.volumes import EPS, confident_mask, source_cells_with_match
 
 
 def _masked_mean(values: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from kornia.geometry.transform import get_tps_transform, warp_points_tps
 
 from guided_flow.errors import ConfigError
-from guided_flow.geometry import cell_positions, warp_by_flow
+from guided_flow.model.geometry import cell_positions, warp_by_flow
 
 _KEY_EPOCH_STRIDE = 2**32
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)

@@ -1,8 +1,9 @@
 """The interactive page of a test run: thumbnails of every pair, and per-pair rows for
-:func:`~guided_flow.html_pages.write_results_page`.
+:func:`~guided_flow.viz.pages.write_results_page`.
 
 Keypoint benchmarks give their own rows
-(:meth:`~guided_flow.evaluation.KeypointEvaluator.pair_rows`). Pairs with a dense ground-truth
+(:meth:`~guided_flow.evaluation.keypoints.KeypointEvaluator.pair_rows`). Pairs with a dense
+ground-truth
 flow (the synthetic test pairs) are shown through a grid of sampled source points
 (:data:`DENSE_GRID` squared, where the truth is valid) with their true and predicted targets,
 hits at :data:`DENSE_ALPHA` of the image's longest side.
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from guided_flow.html_pages import fitted_size, write_pair_thumbnails, write_results_page
-from guided_flow.imaging import resize_image
-from guided_flow.visual import to_uint8
-from guided_flow.viz import draw_matches
+from guided_flow.io.images import resize_image
+from guided_flow.viz.drawing import draw_matches
+from guided_flow.viz.pages import fitted_size, write_pair_thumbnails, write_results_page
+from guided_flow.viz.panels import to_uint8
 
 DENSE_GRID = 6
 DENSE_ALPHA = 0.05  # PCK@0.1 of dense flow is saturated on self-warps; 0.05 is not

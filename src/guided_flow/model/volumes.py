@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from guided_flow.geometry import cell_positions
+from guided_flow.model.geometry import cell_positions
 
 EPS = 1e-6
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from guided_flow.flow_io import write_flow_npy
+from guided_flow.io.flow_files import write_flow_npy
 
 
 class FlowWriter(BasePredictionWriter):

@@ -18,7 +18,8 @@ the source image) and thresholded at 0.5. Then, per pair:
 By default (``eval_resolution="original"``) masks are the annotation polygons rasterised at each
 image's original size and the flow, predicted on the network's input grid, is read bilinearly at
 every original target pixel; ``"input"`` scores on the input grid with the batch's resized masks.
-As for PCK (:mod:`guided_flow.metrics`), per-pair results are gathered, de-duplicated by the
+As for PCK (:mod:`guided_flow.evaluation.metrics`), per-pair results are gathered, de-duplicated by
+the
 pair's ``index``, sorted and averaged in float64, so they do not depend on the process count.
 """
 
@@ -37,10 +38,15 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from guided_flow.evaluation import EVAL_RESOLUTIONS, check_choice, rescale_points, resize_scale
-from guided_flow.flow_io import atomic_open
-from guided_flow.geometry import cell_positions, sample_at, transfer_keypoints
-from guided_flow.metrics import _first_occurrences
+from guided_flow.evaluation.keypoints import (
+    EVAL_RESOLUTIONS,
+    check_choice,
+    rescale_points,
+    resize_scale,
+)
+from guided_flow.evaluation.metrics import _first_occurrences
+from guided_flow.io.flow_files import atomic_open
+from guided_flow.model.geometry import cell_positions, sample_at, transfer_keypoints
 
 MASK_METRICS = ("lt_acc", "iou", "loc_err")
 MASK_TRANSFER_KEY = "source_polygon"
@@ -238,7 +244,7 @@ class MaskTransferEvaluator(nn.Module):
     ``batch["target_mask"]`` (``B x 1 x H x W``) instead of the polygons.
 
     Args:
-        eval_resolution: one of :data:`~guided_flow.evaluation.EVAL_RESOLUTIONS`.
+        eval_resolution: one of :data:`~guided_flow.evaluation.keypoints.EVAL_RESOLUTIONS`.
         categories: category names indexed by ``meta["category_id"]``.
     """
 

@@ -27,10 +27,10 @@ import torch
 
 from guided_flow.api import GuidedSemanticFlow, MatchResult, as_points, as_rgb, warp_source
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.flow_io import write_flo, write_flow_npy
-from guided_flow.html_pages import write_match_page
-from guided_flow.stages import write_json
-from guided_flow.viz import draw_matches, flow_to_color, save_png
+from guided_flow.io.flow_files import write_flo, write_flow_npy
+from guided_flow.training.stages import write_json
+from guided_flow.viz.drawing import draw_matches, flow_to_color, save_png
+from guided_flow.viz.pages import write_match_page
 
 UNTRAINED_NOTE = (
     "note: no --ckpt given: running the untrained method on the embedded ImageNet "

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from guided_flow.flow_io import UNKNOWN_FLOW, atomic_open, flow_to_numpy
-from guided_flow.geometry import warp_by_flow
+from guided_flow.io.flow_files import UNKNOWN_FLOW, atomic_open, flow_to_numpy
+from guided_flow.model.geometry import warp_by_flow
 
 _WHEEL_ANCHORS = np.array(
     [[255, 0, 0], [255, 255, 0], [0, 255, 0], [0, 255, 255], [0, 0, 255], [255, 0, 255]],
@@ -51,7 +51,8 @@ def flow_to_color(flow: np.ndarray | torch.Tensor, max_norm: float | None = None
     wheel (Baker et al.): hue gives the direction, saturation the magnitude over ``max_norm``
     (pixels; default the largest known magnitude). Zero flow is white, +x red, +y (down) yellow,
     -x cyan, -y blue-violet; flows longer than ``max_norm`` keep full saturation and are darkened
-    to 75 %; unknown flows (non-finite or beyond :data:`~guided_flow.flow_io.UNKNOWN_FLOW`) are
+    to 75 %; unknown flows (non-finite or beyond :data:`~guided_flow.io.flow_files.UNKNOWN_FLOW`)
+    are
     black. The direction is spread over all 55 wheel entries, so the ring closes without a seam.
     Returns ``H x W x 3`` uint8."""
     array = flow_to_numpy(flow).astype(np.float64)

@@ -23,8 +23,8 @@ from torch import nn
 
 from guided_flow.api import GuidedSemanticFlow
 from guided_flow.errors import ConfigError
-from guided_flow.flow_io import atomic_open
-from guided_flow.model import GuidedFlowModel
+from guided_flow.io.flow_files import atomic_open
+from guided_flow.model.flow_model import GuidedFlowModel
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 17

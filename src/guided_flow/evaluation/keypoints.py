@@ -38,9 +38,14 @@ import torch
 from torch import nn
 
 from guided_flow.errors import ConfigError
-from guided_flow.flow_io import atomic_open
-from guided_flow.geometry import transfer_keypoints
-from guided_flow.metrics import DEFAULT_ALPHAS, KeypointPCK, KeypointRecords, keypoint_hits
+from guided_flow.evaluation.metrics import (
+    DEFAULT_ALPHAS,
+    KeypointPCK,
+    KeypointRecords,
+    keypoint_hits,
+)
+from guided_flow.io.flow_files import atomic_open
+from guided_flow.model.geometry import transfer_keypoints
 
 PCK_BOUNDS = ("trg_bbox", "src_bbox", "trg_img", "src_img", "trg_kps", "trg_kps_padded")
 EVAL_RESOLUTIONS = ("original", "input")
@@ -276,10 +281,11 @@ class KeypointEvaluator(nn.Module):
         }
 
     def pair_rows(self, records: KeypointRecords, pair_names: Sequence[str]) -> list[dict]:
-        """One dict per pair of ``records`` (:class:`~guided_flow.metrics.KeypointRecords`), in
-        index order: ``index``, ``pair_id``, ``category``, ``src_kps``, ``pred_kps``, ``trg_kps``
-        (keypoints in annotation order, compared resolution), ``bound``, ``hits`` (at
-        :data:`HITS_ALPHA`) and, where the benchmark has them, ``difficulty`` flags."""
+        """One dict per pair of ``records``
+        (:class:`~guided_flow.evaluation.metrics.KeypointRecords`), in index order: ``index``,
+        ``pair_id``, ``category``, ``src_kps``, ``pred_kps``, ``trg_kps`` (keypoints in annotation
+        order, compared resolution), ``bound``, ``hits`` (at :data:`HITS_ALPHA`) and, where the
+        benchmark has them, ``difficulty`` flags."""
         categories = self.pck.categories
         flags = self.pck.difficulty_names
         hits = keypoint_hits(
