@@ -11,7 +11,7 @@ The list's columns, by position: source image, target image, class (1..101 in th
 vertex lists and the target polygon's x and y lists (numbers separated by ``;`` or by ``,``
 inside a quoted cell), in original pixels with pixel centres at integers. A polygon's object
 mask is the set of pixels whose centre lies inside it
-(:func:`~guided_flow.evaluation.masks.rasterise_polygon`).
+(:func:`~guided_flow.model.geometry.rasterise_polygon`).
 
 Items: ``source_image``, ``target_image`` (``3 x H x W`` normalised), ``source_mask``,
 ``target_mask`` (``1 x H x W`` float in {0, 1}: the polygon rasterised on the input grid),
@@ -51,8 +51,7 @@ from data_modules.pf_pascal import (
     row_error,
     to_tensor,
 )
-from guided_flow.evaluation.keypoints import rescale_points, resize_scale
-from guided_flow.evaluation.masks import rasterise_polygon
+from guided_flow.model.geometry import rasterise_polygon, rescale_points, resize_scale
 
 CALTECH_CATEGORIES = (
     "Faces", "Faces_easy", "Leopards", "Motorbikes", "accordion", "airplanes", "anchor", "ant",

@@ -55,8 +55,8 @@ from data_modules.bad_pairs import BadPairPolicy, ImageSizes, SkippedPairsReport
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
 from data_modules.sampling import EpochShuffleSampler
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.evaluation.keypoints import rescale_points, resize_scale
 from guided_flow.io.images import load_image, normalise, resize_image
+from guided_flow.model.geometry import rescale_points, resize_scale
 
 VOC_CATEGORIES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -48,8 +48,8 @@ from torch.utils.data import DataLoader, Dataset
 from data_modules.bad_pairs import BadPairPolicy, ImageSizes, SkippedPairsReport, point_problem
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.evaluation.keypoints import rescale_points, resize_scale
 from guided_flow.io.images import load_image, normalise, resize_image
+from guided_flow.model.geometry import rescale_points, resize_scale
 
 CATEGORIES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

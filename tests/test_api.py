@@ -17,8 +17,8 @@ import guided_flow
 from guided_flow import api
 from guided_flow.api import CheckpointError, GuidedSemanticFlow, flow_to_original_pixels
 from guided_flow.errors import DataError, GuidedFlowError
-from guided_flow.evaluation.keypoints import rescale_points
 from guided_flow.io.images import resize_image
+from guided_flow.model.geometry import rescale_points
 from guided_flow.training.stages import MatchingStage
 
 SIZE = 160

@@ -20,8 +20,8 @@ from guided_flow.evaluation.masks import (
     MaskTransferMetric,
     is_mask_transfer_batch,
     mask_transfer_scores,
-    rasterise_polygon,
 )
+from guided_flow.model.geometry import rasterise_polygon
 from guided_flow.training.stages import MatchingStage
 from tests.helpers import save_stage_checkpoint
 from tests.test_pf_pascal import INPUT, affine_flow, write_image

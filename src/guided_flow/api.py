@@ -4,7 +4,7 @@ for inference on images of any size and aspect ratio.
 Each image is resized (anisotropically, bilinear) to the model's square input, the model runs
 once in each direction, and every result is mapped back to the **original pixels** of the
 images (pixel centres at integers, the convention of
-:func:`~guided_flow.evaluation.keypoints.rescale_points`).
+:func:`~guided_flow.model.geometry.rescale_points`).
 Flows are ``H x W x 2`` float32 arrays of (dx, dy) displacements in pixels: ``flow_s2t`` lives
 on the source grid and points into the target, ``flow_t2s`` the reverse.
 """
@@ -21,12 +21,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from guided_flow.errors import GuidedFlowError
-from guided_flow.evaluation.keypoints import rescale_points, resize_scale
+from guided_flow.errors import GuidedFlowError, one_line
 from guided_flow.io.images import load_image, normalise, resize_image
-from guided_flow.model.backbone import _one_line
 from guided_flow.model.flow_model import GuidedFlowModel
-from guided_flow.model.geometry import cell_positions, sample_at, transfer_keypoints
+from guided_flow.model.geometry import (
+    cell_positions,
+    rescale_points,
+    resize_scale,
+    sample_at,
+    transfer_original_points,
+)
 from guided_flow.training.stages import MatchingStage
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
@@ -126,17 +130,9 @@ def flow_to_original_pixels(
     input grid (q = (p + 0.5) s_source - 0.5), takes the flow there (bilinear), and the matched
     input position returns to the original target with the target's factors; the result is that
     position minus p. Returns ``H_s x W_s x 2`` pixels, same dtype."""
-    input_size = tuple(flow_s2t.shape[-2:])
-    # Bilinear resizing with align_corners=False samples the input grid exactly at q(p), the
-    # position rescale_points gives, with the same clamping at the border.
-    sampled = F.interpolate(flow_s2t[None], size=source_size, mode="bilinear", align_corners=False)
-    sampled = sampled[0].permute(1, 2, 0)
-    sizes = torch.tensor([source_size, target_size], device=flow_s2t.device)
-    source_scale, target_scale = resize_scale(sizes, input_size).to(flow_s2t.dtype)
-    positions = cell_positions(*source_size, device=flow_s2t.device, dtype=flow_s2t.dtype)
-    positions = positions.view(*source_size, 2)
-    matched = rescale_points(rescale_points(positions, source_scale) + sampled, 1.0 / target_scale)
-    return matched - positions
+    positions = cell_positions(*source_size, device=flow_s2t.device, dtype=torch.float64)
+    matched = transfer_original_points(flow_s2t, positions, source_size, target_size)
+    return (matched - positions).to(flow_s2t.dtype).view(*source_size, 2)
 
 
 def warp_source(source: np.ndarray, flow_t2s: np.ndarray) -> np.ndarray:
@@ -207,7 +203,7 @@ class GuidedSemanticFlow:
         try:
             checkpoint = torch.load(name, map_location=map_location, weights_only=True)
         except Exception as error:  # the unpickler fails in many ways on a foreign file
-            reason = f"{type(error).__name__}: {_one_line(error)}"
+            reason = f"{type(error).__name__}: {one_line(error)}"
             raise CheckpointError(f"{name}: not a readable checkpoint ({reason})") from error
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(f"{name}: not a Lightning checkpoint (no state_dict)")
@@ -225,7 +221,7 @@ class GuidedSemanticFlow:
             }
             keys = model.load_state_dict(state, strict=False)
         except (GuidedFlowError, RuntimeError, TypeError) as error:
-            raise CheckpointError(f"{invalid} ({_one_line(error)[:300]})") from error
+            raise CheckpointError(f"{invalid} ({one_line(error)[:300]})") from error
         if keys.missing_keys or keys.unexpected_keys:
             raise CheckpointError(
                 f"{invalid}: {len(keys.missing_keys)} missing keys {keys.missing_keys[:3]}, "
@@ -306,8 +302,5 @@ class GuidedSemanticFlow:
         ``K x 2`` float64 original target pixels."""
         if len(kps) == 0:
             return kps.copy()
-        sizes = torch.tensor([source_size, target_size], device=flow_s2t.device)
-        source_scale, target_scale = resize_scale(sizes, self.input_size)
-        points = rescale_points(torch.from_numpy(kps).to(flow_s2t.device), source_scale)
-        moved = transfer_keypoints(flow_s2t[None].double(), points[None])[0]
-        return rescale_points(moved, 1.0 / target_scale).cpu().numpy()
+        points = torch.from_numpy(kps).to(flow_s2t.device)
+        return transfer_original_points(flow_s2t, points, source_size, target_size).cpu().numpy()

@@ -1,6 +1,11 @@
 """The project's own error types: each names the file, option or value that is wrong."""
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message with its whitespace (newlines, tabs) collapsed."""
+    return " ".join(str(err).split())
+
+
 class GuidedFlowError(Exception):
     """Base class of every error the project raises on purpose."""
 

@@ -45,7 +45,7 @@ from guided_flow.evaluation.metrics import (
     keypoint_hits,
 )
 from guided_flow.io.flow_files import atomic_open
-from guided_flow.model.geometry import transfer_keypoints
+from guided_flow.model.geometry import rescale_points, resize_scale, transfer_keypoints
 
 PCK_BOUNDS = ("trg_bbox", "src_bbox", "trg_img", "src_img", "trg_kps", "trg_kps_padded")
 EVAL_RESOLUTIONS = ("original", "input")
@@ -111,19 +111,6 @@ def check_choice(option: str, value: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ConfigError(f"--{option} {value!r} is not one of: {', '.join(allowed)}")
     return value
-
-
-def rescale_points(points: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Map (x, y) pixel positions (``... x 2``) into an image resized by ``scale`` (``... x 2``,
-    (new W / old W, new H / old H), broadcastable), pixel centres at integers in both images."""
-    return (points + 0.5) * scale - 0.5
-
-
-def resize_scale(original_size: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
-    """Per-axis factors from original images (``B x 2`` as (H, W) pixels) to an input grid of
-    ``input_size = (H, W)``. Returns ``B x 2`` float64 as (x, y) factors."""
-    input_wh = torch.tensor(input_size[::-1], dtype=torch.float64, device=original_size.device)
-    return input_wh / original_size.flip(-1).double()
 
 
 def sample_keypoint_flow(

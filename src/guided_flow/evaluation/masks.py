@@ -31,8 +31,6 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import skimage.draw
 import torch
 from torch import nn
 from torchmetrics import Metric
@@ -41,12 +39,15 @@ from torchmetrics.utilities import dim_zero_cat
 from guided_flow.evaluation.keypoints import (
     EVAL_RESOLUTIONS,
     check_choice,
-    rescale_points,
-    resize_scale,
 )
-from guided_flow.evaluation.metrics import _first_occurrences
+from guided_flow.evaluation.metrics import first_occurrences
 from guided_flow.io.flow_files import atomic_open
-from guided_flow.model.geometry import cell_positions, sample_at, transfer_keypoints
+from guided_flow.model.geometry import (
+    cell_positions,
+    rasterise_polygon,
+    sample_at,
+    transfer_original_points,
+)
 
 MASK_METRICS = ("lt_acc", "iou", "loc_err")
 MASK_TRANSFER_KEY = "source_polygon"
@@ -58,19 +59,6 @@ def is_mask_transfer_batch(batch: Mapping) -> bool:
     """Whether ``batch`` comes from a mask-transfer benchmark (its ``meta`` carries polygons)."""
     meta = batch.get("meta")
     return isinstance(meta, Mapping) and MASK_TRANSFER_KEY in meta
-
-
-def rasterise_polygon(polygon: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The pixels of an image of ``size = (H, W)`` whose centre lies inside the polygon with
-    (x, y) pixel vertices ``polygon`` (``P x 2``; rows with NaN are padding and ignored). Returns
-    ``H x W`` bool (empty for fewer than 3 vertices)."""
-    vertices = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-    vertices = vertices[np.isfinite(vertices).all(axis=1)]
-    mask = np.zeros(size, dtype=bool)
-    if len(vertices) >= 3:
-        rows, cols = skimage.draw.polygon(vertices[:, 1], vertices[:, 0], shape=size)
-        mask[rows, cols] = True
-    return mask
 
 
 def object_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -184,7 +172,7 @@ class MaskTransferMetric(Metric):
 
     def _records(self) -> MaskRecords:
         state = {name: dim_zero_cat(getattr(self, name)).cpu() for name in self._STATES}
-        index, first = _first_occurrences(state["index"])
+        index, first = first_occurrences(state["index"])
         return MaskRecords(index=index, **{name: state[name][first] for name in self._STATES[1:]})
 
     def _row(self, lt_acc: torch.Tensor, iou: torch.Tensor, loc_err: torch.Tensor) -> dict:
@@ -223,15 +211,9 @@ def _original_matches(
     """The source match (original source pixels) of every original target pixel, reading one
     pair's ``flow_t2s`` (``2 x h x w`` input pixels on the target's input grid) bilinearly.
     Returns ``Ht x Wt x 2`` float64."""
-    input_size = tuple(flow_t2s.shape[-2:])
-    device = flow_t2s.device
-    sizes = torch.tensor([target_size, source_size], device=device)
-    target_scale, source_scale = resize_scale(sizes, input_size)  # (x, y) factors
-    grid = cell_positions(*target_size, device=device, dtype=torch.float64)
-    matched = transfer_keypoints(flow_t2s[None].double(), rescale_points(grid, target_scale)[None])[
-        0
-    ]
-    return rescale_points(matched, 1.0 / source_scale).view(*target_size, 2)
+    grid = cell_positions(*target_size, device=flow_t2s.device, dtype=torch.float64)
+    matched = transfer_original_points(flow_t2s, grid, target_size, source_size)
+    return matched.view(*target_size, 2)
 
 
 class MaskTransferEvaluator(nn.Module):

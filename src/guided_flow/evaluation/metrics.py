@@ -34,7 +34,7 @@ def keypoint_hits(
     return distance.unsqueeze(-1) <= alphas * bound.unsqueeze(-1)
 
 
-def _first_occurrences(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def first_occurrences(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct values of ``index`` (``N`` int64) in ascending order and, for each, the position
     of its first occurrence. Returns two ``U`` int64 tensors."""
     unique, inverse = torch.unique(index, sorted=True, return_inverse=True)
@@ -190,10 +190,10 @@ class KeypointPCK(Metric):
         """:meth:`records` on the states as they are (already gathered when called in
         :meth:`compute`)."""
         state = {name: dim_zero_cat(getattr(self, name)).cpu() for name in self._STATES}
-        index, first = _first_occurrences(state["index"])
+        index, first = first_occurrences(state["index"])
         # Keypoint keys order keypoints by (pair index, slot); repeats of a padded pair collapse.
         slots = int(state["kps_slot"].max()) + 1
-        keys, kps_first = _first_occurrences(state["kps_pair"] * slots + state["kps_slot"])
+        keys, kps_first = first_occurrences(state["kps_pair"] * slots + state["kps_slot"])
         kps_pair = torch.searchsorted(index, keys // slots)
         bound = state["bound"][first]
         src, pred, trg = (state[name][kps_first] for name in ("src_kps", "pred_kps", "trg_kps"))
@@ -305,7 +305,7 @@ class DenseFlowMetric(Metric):
         index, pck, epe = (
             dim_zero_cat(getattr(self, name)).cpu() for name in ("index", "pck", "epe")
         )
-        _, first = _first_occurrences(index)
+        _, first = first_occurrences(index)
         means = pck[first].mean(dim=0).tolist()
         return {
             "pairs": first.numel(),

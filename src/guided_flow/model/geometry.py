@@ -13,6 +13,8 @@ Conventions used throughout the project:
 
 from __future__ import annotations
 
+import numpy as np
+import skimage.draw
 import torch
 import torch.nn.functional as F
 
@@ -73,3 +75,48 @@ def transfer_keypoints(flow_s2t: torch.Tensor, points: torch.Tensor) -> torch.Te
     # Clamp the sampling position so keypoints on the last half pixel still read the border flow.
     inside = torch.stack((points[..., 0].clamp(0, w - 1), points[..., 1].clamp(0, h - 1)), dim=-1)
     return points + sample_at(flow_s2t, inside)
+
+
+def rescale_points(points: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Map (x, y) pixel positions (``... x 2``) into an image resized by ``scale`` (``... x 2``,
+    (new W / old W, new H / old H), broadcastable), pixel centres at integers in both images."""
+    return (points + 0.5) * scale - 0.5
+
+
+def resize_scale(original_size: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+    """Per-axis factors from original images (``B x 2`` as (H, W) pixels) to an input grid of
+    ``input_size = (H, W)``. Returns ``B x 2`` float64 as (x, y) factors."""
+    input_wh = torch.tensor(input_size[::-1], dtype=torch.float64, device=original_size.device)
+    return input_wh / original_size.flip(-1).double()
+
+
+def transfer_original_points(
+    flow_s2t: torch.Tensor,
+    points: torch.Tensor,
+    source_size: tuple[int, int],
+    target_size: tuple[int, int],
+) -> torch.Tensor:
+    """Transfer points of an original source image (``K x 2`` pixels) by ``flow_s2t``
+    (``2 x H x W`` pixels of the network's input grid, to which both originals, of
+    ``source_size`` and ``target_size`` = (H, W), were resized with per-axis factors): each point
+    goes to the input grid, moves by the flow read bilinearly there, and returns to the original
+    target. Returns ``K x 2`` float64 original target pixels."""
+    input_size = tuple(flow_s2t.shape[-2:])
+    sizes = torch.tensor([source_size, target_size], device=flow_s2t.device)
+    source_scale, target_scale = resize_scale(sizes, input_size)
+    input_points = rescale_points(points.double(), source_scale)
+    moved = transfer_keypoints(flow_s2t[None].double(), input_points[None])
+    return rescale_points(moved[0], 1.0 / target_scale)
+
+
+def rasterise_polygon(polygon: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The pixels of an image of ``size = (H, W)`` whose centre lies inside the polygon with
+    (x, y) pixel vertices ``polygon`` (``P x 2``; rows with NaN are padding and ignored). Returns
+    ``H x W`` bool (empty for fewer than 3 vertices)."""
+    vertices = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    vertices = vertices[np.isfinite(vertices).all(axis=1)]
+    mask = np.zeros(size, dtype=bool)
+    if len(vertices) >= 3:
+        rows, cols = skimage.draw.polygon(vertices[:, 1], vertices[:, 0], shape=size)
+        mask[rows, cols] = True
+    return mask
