@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install browser test lint demo clean
+.PHONY: install browser test lint typecheck demo clean
 
 install: $(VENV)/.installed browser
 
@@ -26,6 +26,10 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# Static types of the package (configured in pyproject.toml, [tool.mypy]).
+typecheck: install
+	$(VENV)/bin/mypy src/guided_flow
 
 GF := $(VENV)/bin/guided-flow
 DEMO := outputs/demo

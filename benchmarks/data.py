@@ -152,7 +152,7 @@ def measure(root: Path, cache_dir: Path, args: argparse.Namespace) -> dict[str, 
     build_s = time.perf_counter() - start
     module.setup("test")
     cached = module.test_dataloader()
-    annotations = module.dataset.annotations
+    annotations = module.pair_lists[module.split]
     files = DataLoader(
         SPairDataset(
             annotations, DecodedImages(root, annotations.images, args.image_size, module.with_masks)

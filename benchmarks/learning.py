@@ -36,7 +36,7 @@ from data_modules.pf_willow import PFWillowDataModule
 from data_modules.synthetic import SyntheticPairsDataModule
 from guided_flow.evaluation.keypoints import KeypointEvaluator
 from guided_flow.evaluation.metrics import DenseFlowMetric
-from guided_flow.io.flow_files import atomic_open
+from guided_flow.io.atomic import atomic_open
 from guided_flow.model.flow_model import FlowOutput
 from guided_flow.model.geometry import cell_positions
 from guided_flow.training.stages import GuidedFlowStage, MatchingStage, PruningStage
@@ -237,11 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         stage_name, _, option = key.partition(".")
         overrides[stage_name][option] = yaml.safe_load(value)
-    untrained = MatchingStage(**model_options("demo_stage2.yaml")).eval()
-    stage1 = PruningStage(**{**model_options("demo.yaml"), **overrides["stage1"]})
+    untrained = MatchingStage.from_options(**model_options("demo_stage2.yaml")).eval()
+    stage1 = PruningStage.from_options(**{**model_options("demo.yaml"), **overrides["stage1"]})
     result: dict = {"stage1": train(stage1, batches(datamodule, "train"), held_out,
                                     args.stage1_steps, args.eval_every)}  # fmt: skip
-    stage2 = MatchingStage(**{**model_options("demo_stage2.yaml"), **overrides["stage2"]})
+    stage2 = MatchingStage.from_options(
+        **{**model_options("demo_stage2.yaml"), **overrides["stage2"]}
+    )
     stage2.load_state_dict(stage1.state_dict())
     result["stage2"] = train(
         stage2, batches(datamodule, "train"), held_out, args.stage2_steps, args.eval_every

@@ -270,9 +270,9 @@ def measure_inference(
 def measure_training(stage: int, backbone: str, device: torch.device) -> dict[str, Any]:
     """One entry of ``train``: the median time of one SGD step of ``stage`` at batch 8."""
     stage_class = PruningStage if stage == 1 else MatchingStage
-    module = stage_class(backbone=backbone, weights=WEIGHTS[backbone], input_size=DEFAULT_INPUT).to(
-        device
-    )
+    module = stage_class.from_options(
+        backbone=backbone, weights=WEIGHTS[backbone], input_size=DEFAULT_INPUT
+    ).to(device)
     module.train()
     optimizer = module.configure_optimizers()
     source, target = image_pair(DEFAULT_INPUT, TRAIN_BATCH, device)
@@ -290,7 +290,7 @@ def measure_training(stage: int, backbone: str, device: torch.device) -> dict[st
         "backbone": backbone,
         "batch": TRAIN_BATCH,
         "step_ms": round(times["step"], 1),
-        "trainable_blocks": module.hparams.trainable_blocks,
+        "trainable_blocks": module.hparams.model["trainable_blocks"],
     }
 
 

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from guided_flow.errors import CacheError, DataError
+from guided_flow.io.images import resize_image
 
 SCHEMA_VERSION = 1
 CACHE_FORMAT = "guided-flow image cache"
@@ -47,6 +48,36 @@ class CacheItem:
     original_size: tuple[int, int]
     mask: np.ndarray | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def masked_cache_item(
+    folder: Path,
+    relative: str,
+    image: np.ndarray,
+    size: tuple[int, int],
+    labels: np.ndarray | None,
+    mask_path: Path | None,
+) -> CacheItem:
+    """The cache item of image ``folder / relative`` (``H x W x 3`` uint8) resized to ``size``,
+    with its label map ``labels`` (``H x W`` uint8, resized nearest; None: the split has no
+    masks) and ``has_mask`` (whether it came from ``mask_path``, a file). A map of another size
+    than its image raises DataError naming both files."""
+    mask, extra = None, {}
+    if labels is not None:
+        if labels.shape != image.shape[:2]:
+            raise DataError(
+                f"{mask_path}: mask size {labels.shape[::-1]} differs from its image "
+                f"{folder / relative} ({image.shape[1]} x {image.shape[0]})"
+            )
+        mask = resize_image(labels, size, interpolation="nearest")
+        extra = {"has_mask": np.array(mask_path is not None, dtype=np.uint8)}
+    return CacheItem(
+        name=relative,
+        image=resize_image(image, size),
+        original_size=(image.shape[0], image.shape[1]),
+        mask=mask,
+        extra=extra,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,3 +337,11 @@ class ImageCache:
         state = self.__dict__.copy()
         state["_handle"] = state["_pid"] = None
         return state
+
+
+def cached_image(cache: ImageCache, row: int) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """Image ``row`` of ``cache``: ``H x W x 3`` uint8, its label map ``H x W`` uint8 (None when
+    the cache has no masks) and whether the image has a mask (:func:`masked_cache_item`)."""
+    item = cache[row]
+    has_mask = bool(item["has_mask"]) if "has_mask" in item else item.get("mask") is not None
+    return item["image"], item.get("mask"), has_mask

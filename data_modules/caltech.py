@@ -35,12 +35,10 @@ import torch
 from torch.utils.data import Dataset
 
 from data_modules.bad_pairs import BadPairPolicy
-from data_modules.cache import ImageCache
-from data_modules.pf_pascal import (
+from data_modules.cache import ImageCache, cached_image
+from data_modules.pairs import (
     PairList,
     PairListBuilder,
-    PairsDataModule,
-    cached_image,
     find_pair_list,
     original_sizes,
     pair_meta,
@@ -51,6 +49,7 @@ from data_modules.pf_pascal import (
     row_error,
     to_tensor,
 )
+from data_modules.pairs_module import PairsDataModule
 from guided_flow.model.geometry import rasterise_polygon, rescale_points, resize_scale
 
 CALTECH_CATEGORIES = (
@@ -152,12 +151,12 @@ class CaltechDataset(Dataset):
 
 class CaltechDataModule(PairsDataModule):
     """Caltech-101 mask-transfer test pairs (see the module docstring); the arguments are those
-    of :class:`~data_modules.pf_pascal.PairsDataModule` (only ``split="test"``; ``skip_bad``
-    drops bad rows with a warning and counts them in ``skipped_pairs``)."""
+    of :class:`~data_modules.pairs_module.PairsDataModule` (only ``split="test"``;
+    ``skip_bad`` drops bad rows with a warning and counts them in ``skipped_pairs``)."""
 
+    evaluation = "mask_transfer"
     benchmark = "caltech"
     categories = CALTECH_CATEGORIES
-    evaluation = "mask_transfer"
 
     def list_names(self, split: str) -> tuple[str, ...]:
         return ("test_pairs_caltech_with_category.csv",)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import permutations
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -43,8 +43,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.augment import AugmentConfig, PairAugmenter, View
-from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
-from data_modules.pf_pascal import masked_cache_item, to_tensor
+from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint, masked_cache_item
+from data_modules.pairs import to_tensor
 from data_modules.sampling import EpochShuffleSampler
 from data_modules.synthetic import IMAGE_SUFFIXES
 from guided_flow.errors import ConfigError, DataError
@@ -194,8 +194,8 @@ class FolderPairsDataset(Dataset):
 
 class ImageFoldersDataModule(pl.LightningDataModule):
     """Unannotated training pairs from folders of your own images, one folder per category (see
-    the module docstring for the layout). Serves ``train_dataloader`` only
-    (:attr:`has_ground_truth` is False): fit configs must set ``trainer.limit_val_batches: 0``.
+    the module docstring for the layout). Serves ``train_dataloader`` only (no labels:
+    :attr:`evaluation` is ``none``): fit configs must set ``trainer.limit_val_batches: 0``.
 
     Args:
         root: the folder holding one sub-folder per category.
@@ -217,7 +217,7 @@ class ImageFoldersDataModule(pl.LightningDataModule):
     and the mask is all ones).
     """
 
-    has_ground_truth = False
+    evaluation: ClassVar[str] = "none"
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ so they must not all coincide. Bad rows (these, wrong counts, infinite coordinat
 than 1 px outside their image, missing or truncated images: :mod:`data_modules.bad_pairs`) raise
 :class:`~guided_flow.errors.DataError` naming the file and line, or are skipped and counted with
 ``skip_bad``. Batches and ``meta`` are those of
-:class:`~data_modules.pf_pascal.KeypointPairsDataset`.
+:class:`~data_modules.pairs.KeypointPairsDataset`.
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from torch.utils.data import Dataset
 
 from data_modules.bad_pairs import BadPairPolicy
 from data_modules.cache import ImageCache
-from data_modules.pf_pascal import (
+from data_modules.pairs import (
     KEYPOINT_ALPHAS,
     KeypointPairsDataset,
     PairList,
     PairListBuilder,
-    PairsDataModule,
     find_pair_list,
     read_rows,
     row_error,
 )
+from data_modules.pairs_module import PairsDataModule
 
 WILLOW_CATEGORIES = (
     "car(G)", "car(M)", "car(S)", "duck(S)", "motorbike(G)", "motorbike(M)", "motorbike(S)",
@@ -116,9 +116,10 @@ def _add_row(builder: PairListBuilder, line: int, row: list[str]) -> None:
 
 class PFWillowDataModule(PairsDataModule):
     """PF-WILLOW test pairs (see the module docstring); the arguments are those of
-    :class:`~data_modules.pf_pascal.PairsDataModule` (only ``split="test"``; ``skip_bad`` drops
-    bad rows with a warning and counts them in ``skipped_pairs``)."""
+    :class:`~data_modules.pairs_module.PairsDataModule` (only ``split="test"``; ``skip_bad``
+    drops bad rows with a warning and counts them in ``skipped_pairs``)."""
 
+    evaluation = "keypoints"
     benchmark = "pf-willow"
     categories = WILLOW_CATEGORIES
     pck_bound = "trg_kps"

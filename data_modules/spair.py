@@ -35,20 +35,21 @@ evaluator alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data_modules.bad_pairs import BadPairPolicy, ImageSizes, SkippedPairsReport, point_problem
-from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
-from guided_flow.errors import ConfigError, DataError
-from guided_flow.io.images import load_image, normalise, resize_image
+from data_modules.bad_pairs import BadPairPolicy, ImageSizes, point_problem
+from data_modules.cache import ImageCache
+from data_modules.pairs import download_hint, pair_meta, to_tensor
+from data_modules.pairs_module import PairsDataModule
+from guided_flow.errors import DataError
+from guided_flow.io.images import load_image
 from guided_flow.model.geometry import rescale_points, resize_scale
 
 CATEGORIES = (
@@ -61,7 +62,6 @@ REQUIRED_KEYS = (
     "src_imname", "trg_imname", "src_imsize", "trg_imsize", "src_bndbox", "trg_bndbox",
     "category", "src_kps", "trg_kps", *DIFFICULTY_NAMES,
 )  # fmt: skip
-CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,14 @@ class SPairSplit:
     """The validated annotations of one split (``N`` pairs, ``I`` distinct images, ``K`` the
     largest keypoint count).
 
-    ``images``: ``I`` paths relative to ``JPEGImages`` (``<category>/<file>``) with their
-    ``image_sizes`` (``I x 2`` (H, W)); per pair: ``names``, ``category_ids`` (``N``), ``image_ids``
-    (``N x 2``, source and target rows of ``images``), ``kps`` (``N x 2 x K x 2`` float32,
-    source then target, zero-padded), ``kps_count`` (``N``), ``boxes`` (``N x 2 x 4`` float32),
-    ``difficulty`` (``N x 4`` int64)."""
+    ``path``: the split's layout file; ``images``: ``I`` paths relative to ``JPEGImages``
+    (``<category>/<file>``) with their ``image_sizes`` (``I x 2`` (H, W)); per pair: ``names``,
+    ``category_ids`` (``N``), ``image_ids`` (``N x 2``, source and target rows of ``images``),
+    ``kps`` (``N x 2 x K x 2`` float32, source then target, zero-padded), ``kps_count`` (``N``),
+    ``boxes`` (``N x 2 x 4`` float32), ``difficulty`` (``N x 4`` int64); ``sources``: the ``N``
+    annotation files, relative to the root."""
 
+    path: Path
     names: list[str]
     images: list[str]
     image_sizes: np.ndarray
@@ -84,6 +86,7 @@ class SPairSplit:
     kps_count: np.ndarray
     boxes: np.ndarray
     difficulty: np.ndarray
+    sources: tuple[str, ...]
 
 
 def _number_array(path: Path, record: Mapping, key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -201,7 +204,7 @@ def read_split(
     if not layout.is_file():
         raise DataError(
             f"{root}: SPair-71k not found ({layout} is missing). Download it with "
-            f"`guided-flow download spair --root {root}`"
+            f"{download_hint(SPairDataModule.benchmark, root)}"
         )
     try:
         lines = layout.read_text(encoding="utf-8").splitlines()
@@ -232,6 +235,7 @@ def read_split(
     for row, pair in enumerate(pairs):
         kps[row, :, : len(pair.kps[0])] = pair.kps
     return SPairSplit(
+        path=layout,
         names=kept,
         images=list(image_rows),
         image_sizes=np.asarray(image_sizes, dtype=np.int64),
@@ -243,6 +247,7 @@ def read_split(
         kps_count=np.asarray([len(pair.kps[0]) for pair in pairs], dtype=np.int64),
         boxes=np.asarray([pair.boxes for pair in pairs], dtype=np.float32),
         difficulty=np.asarray([pair.flags for pair in pairs], dtype=np.int64),
+        sources=tuple(f"PairAnnotation/{split}/{name}.json" for name in kept),
     )
 
 
@@ -252,7 +257,9 @@ def _mask_path(root: Path, relative: str) -> Path:
 
 
 class SPairDataset(Dataset):
-    """The pairs of one split, read from the image cache; items follow the batch schema."""
+    """The pairs of one split, read from its image cache (or any sequence of such items: ``image``
+    ``H x W x 3`` uint8 and, with masks, ``mask`` ``H x W``, non-zero foreground); items follow
+    the batch schema (module docstring)."""
 
     def __init__(self, annotations: SPairSplit, cache: ImageCache) -> None:
         self.annotations = annotations
@@ -261,70 +268,64 @@ class SPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.annotations.names)
 
-    def _image(self, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The cached image ``3 x H x W`` (normalised) and mask ``1 x H x W`` float in {0, 1}
-        (``None`` without masks) of image ``row``."""
-        item = self.cache[row]
-        image = torch.from_numpy(item["image"]).permute(2, 0, 1).float() / 255.0
-        mask = item.get("mask")
-        return normalise(image), None if mask is None else torch.from_numpy(mask > 0)[None].float()
-
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         a = self.annotations
-        source_row, target_row = a.image_ids[index]
-        source, source_mask = self._image(source_row)
-        target, target_mask = self._image(target_row)
-        sizes = torch.from_numpy(a.image_sizes[[source_row, target_row]])  # 2 x (H, W)
+        rows = a.image_ids[index]
+        source, target = (self.cache[int(row)] for row in rows)
+        sizes = torch.from_numpy(a.image_sizes[rows])  # 2 x (H, W)
         kps = torch.from_numpy(a.kps[index])  # 2 x K x 2 original pixels
-        scale = resize_scale(sizes, tuple(source.shape[-2:])).unsqueeze(1)  # 2 x 1 x (x, y)
+        scale = resize_scale(sizes, source["image"].shape[:2]).unsqueeze(1)  # 2 x 1 x (x, y)
         valid = torch.arange(kps.shape[1]) < int(a.kps_count[index])
         kps_input = (rescale_points(kps.double(), scale) * valid.unsqueeze(-1)).float()
         boxes = torch.from_numpy(a.boxes[index])
         item = {
-            "source_image": source,
-            "target_image": target,
+            "source_image": to_tensor(source["image"]),
+            "target_image": to_tensor(target["image"]),
             "source_kps": kps_input[0],
             "target_kps": kps_input[1],
             "kps_valid": valid,
             "category": CATEGORIES[a.category_ids[index]],
             "index": index,
-            "meta": {
-                "pair_name": a.names[index],
-                "source_file": a.images[source_row],
-                "target_file": a.images[target_row],
-                "category_id": int(a.category_ids[index]),
-                "source_size": sizes[0],
-                "target_size": sizes[1],
-                "source_kps": kps[0],
-                "target_kps": kps[1],
-                "source_bbox": boxes[0],
-                "target_bbox": boxes[1],
-                "difficulty": torch.from_numpy(a.difficulty[index]),
-            },
+            "meta": pair_meta(
+                a,
+                index,
+                rows,
+                sizes,
+                source_kps=kps[0],
+                target_kps=kps[1],
+                source_bbox=boxes[0],
+                target_bbox=boxes[1],
+                difficulty=torch.from_numpy(a.difficulty[index]),
+            ),
         }
-        if source_mask is not None:
-            item["source_mask"], item["target_mask"] = source_mask, target_mask
+        if "mask" in source:
+            item["source_mask"], item["target_mask"] = (
+                torch.from_numpy(side["mask"] > 0)[None].float() for side in (source, target)
+            )
         return item
 
 
-class SPairDataModule(SkippedPairsReport, pl.LightningDataModule):
+class SPairDataModule(PairsDataModule):
     """SPair-71k test pairs (see the module docstring for the layout and the batch ``meta``).
 
     Args:
-        root: the SPair-71k folder.
-        image_size: side of the square network input, pixels.
-        batch_size: pairs per batch.
-        num_workers: DataLoader workers.
-        cache_dir: where the HDF5 image cache goes (default ``<root>/cache``).
+        root, image_size, batch_size, num_workers, cache_dir: see
+            :class:`~data_modules.pairs_module.PairsDataModule`.
         split: ``trn``, ``val`` or ``test``: the pairs served by the test loader.
         masks: use ``Segmentation`` masks when that folder exists.
         skip_bad: drop each bad pair (see :func:`read_split`) with a warning instead of raising
             :class:`~guided_flow.errors.DataError`; ``skipped_pairs`` counts them.
     """
 
+    evaluation = "keypoints"
+    benchmark = "spair"
+    cache_name = "spair71k"
+    image_folder = "JPEGImages"
+    relocatable_cache = True
     categories = CATEGORIES
     difficulty_names = DIFFICULTY_NAMES
     pck_bound = "trg_bbox"
+    splits = SPLITS
 
     def __init__(
         self,
@@ -337,112 +338,30 @@ class SPairDataModule(SkippedPairsReport, pl.LightningDataModule):
         masks: bool = True,
         skip_bad: bool = False,
     ) -> None:
-        super().__init__()
-        if split not in SPLITS:
-            raise ConfigError(f"--data.split {split!r} is not one of: {', '.join(SPLITS)}")
-        if image_size < 16:
-            raise ConfigError(f"--data.image_size must be at least 16 pixels, got {image_size}")
-        self.root = Path(root)
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "cache"
-        self.split = split
+        super().__init__(root, image_size, batch_size, num_workers, cache_dir, split, skip_bad)
         self.masks = masks
-        self.policy = BadPairPolicy(skip_bad)
-        self.dataset: SPairDataset | None = None
-        self._spec: tuple[SPairSplit, Path, str] | None = None
 
     @property
     def with_masks(self) -> bool:
         """Whether masks are read (``masks`` is on and ``Segmentation`` exists)."""
         return self.masks and (self.root / "Segmentation").is_dir()
 
-    def _annotations(self) -> tuple[SPairSplit, Path, str]:
-        """The validated split, its cache path and the fingerprint the cache must carry
-        (computed on the first call, so that each bad pair is reported once)."""
-        if self._spec is None:
-            self._spec = self._read_annotations()
-        return self._spec
-
-    def _read_annotations(self) -> tuple[SPairSplit, Path, str]:
-        """:meth:`_annotations`, read now."""
+    def read_pairs(self, split: str) -> SPairSplit:
         if not self.root.is_dir():
             raise DataError(
                 f"{self.root}: the SPair-71k folder does not exist. Download it with "
-                f"`guided-flow download spair --root {self.root}`"
+                f"{download_hint(self.benchmark, self.root)}"
             )
-        annotations = read_split(self.root, self.split, self.with_masks, self.policy)
-        files = [f"Layout/large/{self.split}.txt"]
-        files += [f"PairAnnotation/{self.split}/{name}.json" for name in annotations.names]
-        files += [f"JPEGImages/{image}" for image in annotations.images]
-        if self.with_masks:
-            files += [_mask_path(Path(), image).as_posix() for image in annotations.images]
-        key = fingerprint(
-            files,
-            root=self.root,
-            dataset="spair71k",
-            version=CACHE_VERSION,
-            split=self.split,
-            image_size=self.image_size,
-            masks=self.with_masks,
-        )
-        suffix = "-masks" if self.with_masks else ""
-        path = self.cache_dir / f"spair71k-{self.split}-{self.image_size}{suffix}.h5"
-        return annotations, path, key
+        return read_split(self.root, split, self.with_masks, self.policy)
 
-    def _cache_items(self, annotations: SPairSplit) -> Iterator[CacheItem]:
-        """Decode and resize every image (and mask) of the split (their sizes were checked by
-        :func:`read_split`)."""
-        size = (self.image_size, self.image_size)
-        for relative in annotations.images:
-            path = self.root / "JPEGImages" / relative
-            image = load_image(path)
-            mask = None
-            if self.with_masks:
-                mask_path = _mask_path(self.root, relative)
-                foreground = (load_image(mask_path).max(axis=-1) > 0).astype(np.uint8) * 255
-                if foreground.shape != image.shape[:2]:
-                    raise DataError(f"{mask_path}: mask size differs from its image {path}")
-                mask = resize_image(foreground, size, interpolation="nearest")
-            yield CacheItem(
-                name=relative,
-                image=resize_image(image, size),
-                original_size=(image.shape[0], image.shape[1]),
-                mask=mask,
-            )
+    def mask_files(self, split: str) -> Callable[[str], Path | None] | None:
+        if not self.with_masks:
+            return None
+        return lambda relative: _mask_path(self.root, relative)
 
-    def prepare_data(self) -> None:
-        """Validate every annotation (unless done), then build the split's image cache if it is
-        absent or stale (atomically) and check it."""
-        annotations, path, key = self._annotations()
-        ensure_cache(path, key, lambda: self._cache_items(annotations))
+    def load_mask(self, path: Path) -> np.ndarray:
+        """A ``Segmentation`` PNG as ``H x W`` uint8: 255 where any channel is non-zero, else 0."""
+        return (load_image(path).max(axis=-1) > 0).astype(np.uint8) * 255
 
-    def setup(self, stage: str | None = None) -> None:
-        """Validate every annotation (unless done) and open the cache built by
-        :meth:`prepare_data`."""
-        annotations, path, key = self._annotations()
-        cache = ImageCache(path, key)
-        if cache.names != annotations.images:
-            raise DataError(f"{path}: its images do not match {self.split}'s annotations")
-        self.dataset = SPairDataset(annotations, cache)
-
-    def pair_names(self, stage: str = "test") -> list[str]:
-        """Pair names (``<id>-<source>-<target>:<category>``) indexed by the batches' ``index``
-        for ``stage`` (only ``test``: SPair-71k is a test benchmark here)."""
-        if stage != "test":
-            raise ConfigError(f"SPair-71k serves the test stage only, not {stage!r}")
-        if self.dataset is None:
-            raise RuntimeError("call setup() before pair_names()")
-        return self.dataset.annotations.names
-
-    def test_dataloader(self) -> DataLoader:
-        if self.dataset is None:
-            raise RuntimeError("call setup() before test_dataloader()")
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def make_dataset(self, split: str, pairs: SPairSplit, cache: ImageCache) -> Dataset:
+        return SPairDataset(pairs, cache)

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -30,7 +30,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
-from data_modules.pf_pascal import PFPascalDataModule, find_pair_list, read_rows
+from data_modules.pairs import find_pair_list, read_rows, to_tensor
+from data_modules.pf_pascal import PFPascalDataModule
 from data_modules.sampling import EpochShuffleSampler
 from data_modules.warps import (
     WarpConfig,
@@ -39,7 +40,7 @@ from data_modules.warps import (
     warp_key,
 )
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.io.images import load_image, normalise, resize_image
+from guided_flow.io.images import load_image, resize_image
 
 # The photographs that ship with scikit-image (no download; greyscale ones as RGB). Held-out
 # images come from the end of this order: with the defaults, validation uses chelsea and camera,
@@ -175,9 +176,8 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.image_ids[index % len(self.image_ids)]
-        image = torch.from_numpy(self.cache[image_id]["image"]).permute(2, 0, 1)
         return {
-            "image": normalise(image.float() / 255.0),
+            "image": to_tensor(self.cache[image_id]["image"]),
             "index": index,
             "category": "synthetic",
             "image_name": self.cache.names[image_id],
@@ -193,7 +193,8 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
         exclude_test_images: with ``root``, leave the images of PF-PASCAL's test pairs out of
             every split (the count is reported at set-up).
         keypoint_validation: with ``root``, validate on PF-PASCAL's validation pairs and their
-            keypoints (PCK, the benchmark's protocol) instead of synthetic warps.
+            keypoints (PCK, the benchmark's protocol) instead of synthetic warps; the module's
+            ``val_evaluation`` is then ``keypoints``.
         cache_dir: where the HDF5 image cache goes.
         image_size: side of the square network input, pixels.
         batch_size, num_workers: DataLoader settings.
@@ -211,6 +212,8 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
     ``warp_key`` (B int64), ``image_name`` (list of str), ``original_size`` (``B x 2`` (H, W):
     the input size, since synthetic pairs are made at the input resolution).
     """
+
+    evaluation: ClassVar[str] = "dense_flow"
 
     def __init__(
         self,
@@ -272,7 +275,9 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
             self.validation_pairs = PFPascalDataModule(
                 root, image_size, batch_size, num_workers, cache_dir, split="val", masks=False
             )
-            # the evaluator reads the benchmark's protocol from the attached data module
+            # the stage scores validation as the benchmark's keypoints, with its protocol, read
+            # from the attached data module (the test pairs stay synthetic warps)
+            self.val_evaluation = "keypoints"
             self.pck_bound = PFPascalDataModule.pck_bound
             self.alphas = PFPascalDataModule.alphas
             self.categories = self.validation_pairs.categories

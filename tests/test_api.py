@@ -34,7 +34,7 @@ def textured_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 def write_shifted_checkpoint(path: Path) -> Path:
     """A stage-2 checkpoint (input 160) whose matching net adds :data:`SHIFT_CELLS` to the flow
     everywhere, so that the identity pair's flow is that shift."""
-    stage = MatchingStage(input_size=SIZE)
+    stage = MatchingStage.from_options(input_size=SIZE)
     with torch.no_grad():
         stage.model.matching_net.body.conv8.bias.copy_(torch.tensor(SHIFT_CELLS))
     trainer = pl.Trainer(

@@ -248,7 +248,7 @@ def test_good_data_skips_nothing(tmp_path):
 def test_the_cli_writes_the_count_or_stops_with_one_line(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     layout = pf_pascal_layout(tmp_path / "pf", "truncated image")
-    stage = MatchingStage(backbone="resnet18", weights="none", input_size=INPUT)
+    stage = MatchingStage.from_options(backbone="resnet18", weights="none", input_size=INPUT)
     checkpoint = save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     args = [
         "test",

@@ -269,7 +269,7 @@ def test_rasterised_polygons_keep_the_pixels_whose_centre_is_inside():
 def test_the_test_config_writes_the_three_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     translated_layout(tmp_path / "caltech")
-    stage = MatchingStage(backbone="resnet18", weights="none", input_size=INPUT)
+    stage = MatchingStage.from_options(backbone="resnet18", weights="none", input_size=INPUT)
     save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     results = tmp_path / "results"
     args = [

@@ -14,7 +14,7 @@ from tests.helpers import save_stage_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
-    "--model.input_size=160",
+    "--model.model.input_size=160",
     "--data.batch_size=2",
     "--data.val_pairs=2",
     "--data.test_pairs=2",
@@ -37,7 +37,7 @@ def test_fit_both_stages_with_fast_dev_run(workdir):
     args = ["fit", "--config", _config("demo.yaml"), "--trainer.fast_dev_run=true", cache]
     assert main(args + SMALL) == 0
     # fast_dev_run writes no checkpoint: make the stage-1 checkpoint stage 2 starts from
-    stage1 = PruningStage(input_size=160)
+    stage1 = PruningStage.from_options(input_size=160)
     checkpoint = save_stage_checkpoint(stage1, workdir / "stage1.ckpt")
     args = ["fit", "--config", _config("demo_stage2.yaml"), "--trainer.fast_dev_run=true", cache]
     assert main(args + SMALL + [f"--model.init_checkpoint={checkpoint}"]) == 0
@@ -45,7 +45,7 @@ def test_fit_both_stages_with_fast_dev_run(workdir):
 
 @pytest.mark.slow
 def test_test_command_takes_the_model_from_the_checkpoint(workdir):
-    stage = PruningStage(input_size=160, rho=0.8, c_p=2.0)
+    stage = PruningStage.from_options(input_size=160, rho=0.8, c_p=2.0)
     checkpoint = save_stage_checkpoint(stage, workdir / "any.ckpt")
     results = workdir / "results"
     args = [
@@ -71,12 +71,12 @@ def test_test_command_takes_the_model_from_the_checkpoint(workdir):
     assert (results / "warp.png").stat().st_size > 0
     run = json.loads((results / "run.json").read_text())
     # the config's rho 0.9 does not override the checkpoint's 0.8
-    assert run["test_time_overrides"] == {} and run["checkpoint_hparams"]["rho"] == 0.8
+    assert run["test_time_overrides"] == {} and run["checkpoint_hparams"]["model"]["rho"] == 0.8
     # test-time options given on the command line override the checkpoint's values
-    assert main(args + ["--model.c_m", "2", "--model.init_args.rho=0.95"]) == 0
+    assert main(args + ["--model.model.c_m", "2", "--model.init_args.model.rho=0.95"]) == 0
     run = json.loads((results / "run.json").read_text())
     assert run["test_time_overrides"] == {"c_m": 2.0, "rho": 0.95}
-    hparams = run["checkpoint_hparams"]
+    hparams = run["checkpoint_hparams"]["model"]
     assert (hparams["c_m"], hparams["rho"], hparams["c_p"]) == (2.0, 0.95, 2.0)
 
 
@@ -150,18 +150,24 @@ def test_config_files_parse_and_name_existing_options():
 
 
 def test_cli_saves_primitive_hyper_parameters(workdir):
-    stage = PruningStage(input_size=160, c_m=2.0)
-    assert stage.hparams.c_m == 2.0
+    stage = PruningStage.from_options(input_size=160, c_m=2.0)
+    assert stage.hparams.model["c_m"] == 2.0
     primitive = (int, float, str, bool, type(None))
-    assert all(
-        isinstance(v, primitive) or (isinstance(v, list) and all(isinstance(x, int) for x in v))
-        for v in stage.hparams.values()
-    ), stage.hparams
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(isinstance(x, int) for x in value)
+        return isinstance(value, primitive)
+
+    assert set(stage.hparams) >= {"model", "loss", "optim"}
+    assert all(plain(v) for v in stage.hparams.values()), stage.hparams
     assert torch.is_tensor(stage.model.pruning_net.body.conv8.bias)
 
 
 def test_stage_two_with_a_mismatched_init_checkpoint_stops_before_data_work(workdir):
-    stage = PruningStage(input_size=160)
+    stage = PruningStage.from_options(input_size=160)
     checkpoint = save_stage_checkpoint(stage, workdir / "stage1_160.ckpt")
     cache = workdir / "cache"
     args = ["fit", "--config", _config("demo_stage2.yaml"), f"--data.cache_dir={cache}"]
@@ -172,7 +178,7 @@ def test_stage_two_with_a_mismatched_init_checkpoint_stops_before_data_work(work
 
 @pytest.mark.slow
 def test_predict_writes_one_flow_file_per_pair(workdir):
-    stage = PruningStage(input_size=160)
+    stage = PruningStage.from_options(input_size=160)
     checkpoint = save_stage_checkpoint(stage, workdir / "model.ckpt")
     out = workdir / "flows"
     args = [

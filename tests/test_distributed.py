@@ -32,7 +32,7 @@ def _processes(count: int) -> list[str]:
 
 @pytest.mark.slow
 def test_test_metrics_of_two_processes_equal_one(tmp_path):
-    stage = MatchingStage(input_size=160)
+    stage = MatchingStage.from_options(input_size=160)
     save_stage_checkpoint(stage, tmp_path / "stage2.ckpt")
     results = {}
     for count in (1, 2):
@@ -66,7 +66,7 @@ def test_fit_with_two_processes(tmp_path):
         "--config",
         str(REPO / "experiments" / "demo.yaml"),
         "--trainer.fast_dev_run=true",
-        "--model.input_size=160",
+        "--model.model.input_size=160",
         "--data.batch_size=2",
         "--data.val_pairs=4",
         "--data.cache_dir=cache",

@@ -68,7 +68,7 @@ def _module(root: Path, tmp_path: Path, **options) -> ImageFoldersDataModule:
 
 def test_all_ordered_pairs_within_each_category(root, tmp_path):
     module = _module(root, tmp_path)
-    assert module.has_ground_truth is False
+    assert module.evaluation == "none"
     assert module.folders.categories == ("a", "b")
     dataset = module.dataset
     assert len(dataset) == 2 + 6
@@ -198,12 +198,14 @@ def test_finetune_config_trains_stage_two_from_a_checkpoint(
     from guided_flow.training.stages import MatchingStage
     from tests.helpers import save_stage_checkpoint
 
-    start = save_stage_checkpoint(MatchingStage(input_size=64), tmp_path / "start.ckpt")
+    start = save_stage_checkpoint(
+        MatchingStage.from_options(input_size=64), tmp_path / "start.ckpt"
+    )
     monkeypatch.chdir(tmp_path)  # the config writes under outputs/finetune
     out = tmp_path / "outputs" / "finetune"
     config = Path(__file__).resolve().parents[1] / "experiments" / "finetune_folders.yaml"
     args = ["fit", "--config", str(config), f"--model.init_checkpoint={start}"]
-    args += ["--model.input_size=64", f"--data.root={root}", "--data.image_size=64"]
+    args += ["--model.model.input_size=64", f"--data.root={root}", "--data.image_size=64"]
     args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.batch_size=2"]
     args += ["--trainer.max_steps=2", "--trainer.logger=false"]
     assert main(args) == 0

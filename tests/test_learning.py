@@ -28,9 +28,11 @@ OBJECTIVE_OPTIONS = ("lambda_m", "lambda_sm", "temperature", "window_m", "match_
 
 
 def config_options(name: str, keys: tuple[str, ...]) -> dict:
-    """The ``model.init_args`` of an experiment config, restricted to ``keys``."""
+    """The stage options of an experiment config (its option groups' values, by name),
+    restricted to ``keys``."""
     init_args = yaml.safe_load((EXPERIMENTS / name).read_text())["model"]["init_args"]
-    return {key: init_args[key] for key in keys if key in init_args}
+    options = {k: v for group in ("model", "loss", "optim") for k, v in init_args[group].items()}
+    return {key: options[key] for key in keys if key in options}
 
 
 def planted_features(grid: int = 8, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -54,7 +56,7 @@ def prune_planted_match(options: dict, steps: int) -> tuple[bool, list[float]]:
     grid = 8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        stage = PruningStage(weights="none", input_size=16 * grid, **options)
+        stage = PruningStage.from_options(weights="none", input_size=16 * grid, **options)
     source, target, planted = planted_features(grid)
     optimizer = stage.configure_optimizers()
     stage.train()
@@ -67,8 +69,8 @@ def prune_planted_match(options: dict, steps: int) -> tuple[bool, list[float]]:
         out = stage.model.forward_features(source, target, refine=False)
         refined = out.refined_confidence.detach()
         history.append(float(refined[0, planted, 3, 3]))
-        consistent_ok = bool((refined[consistent][keep] > stage.hparams.rho).all())
-        if history[-1] < stage.hparams.rho and consistent_ok:
+        consistent_ok = bool((refined[consistent][keep] > stage.hparams.model["rho"]).all())
+        if history[-1] < stage.hparams.model["rho"] and consistent_ok:
             pruned = True
             break
         loss = stage.total_loss(stage.loss_terms(out, {}))
@@ -126,14 +128,14 @@ def test_stage2_objective_points_at_the_truth(
     at G' and at the argmax of C, and descending it on tau from G' lowers the error."""
     source, target, truth, valid = photo_pairs
     options = config_options(config, OBJECTIVE_OPTIONS)
-    stage = MatchingStage(feature_layers=feature_layers, **options).eval()
+    stage = MatchingStage.from_options(feature_layers=feature_layers, **options).eval()
     with torch.no_grad():
         out = stage.model(source, target, refine=False)
-    hp = stage.hparams
+    loss = stage.loss_config
 
     def objective(flow: torch.Tensor) -> torch.Tensor:
         terms = stage.loss_terms(dataclasses.replace(out, flow=flow), {})
-        return hp.lambda_m * terms["match"] + hp.lambda_sm * terms["smooth"]
+        return loss.lambda_m * terms["match"] + loss.lambda_sm * terms["smooth"]
 
     def error(flow: torch.Tensor) -> float:
         return float((flow - truth).norm(dim=1, keepdim=True)[valid].mean())

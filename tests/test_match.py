@@ -196,7 +196,9 @@ def test_input_size_is_refused_with_a_checkpoint(tmp_path, capsys):
 @pytest.mark.browser
 def test_the_match_page_transfers_points_as_the_flow_file_says(tmp_path, driver):
     # a checkpoint's trained networks and two photographs, as after `make demo`
-    checkpoint = save_stage_checkpoint(MatchingStage(input_size=160), tmp_path / "model.ckpt")
+    checkpoint = save_stage_checkpoint(
+        MatchingStage.from_options(input_size=160), tmp_path / "model.ckpt"
+    )
     source, target = skdata.astronaut(), skdata.coffee()  # 512 x 512 and 400 x 600
     out = tmp_path / "out"
     args = ["match", save(tmp_path, "s.png", source), save(tmp_path, "t.png", target)]

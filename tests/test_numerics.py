@@ -41,14 +41,16 @@ def _trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 
 def test_non_finite_loss_stops_with_step_and_term_named(tmp_path):
-    stage = PoisonedStage(input_size=160, optimizer="adamw", lr=1e-3)
+    stage = PoisonedStage.from_options(input_size=160, optimizer="adamw", lr=1e-3)
     with pytest.raises(NonFiniteLossError, match=r"global step 1 .*term\(s\) geo"):
         _trainer(tmp_path).fit(stage, _loader())
     assert all(torch.isfinite(p).all() for p in stage.parameters())
 
 
 def test_non_finite_loss_can_skip_the_step(tmp_path):
-    stage = PoisonedStage(input_size=160, optimizer="adamw", lr=1e-3, on_nonfinite="skip")
+    stage = PoisonedStage.from_options(
+        input_size=160, optimizer="adamw", lr=1e-3, on_nonfinite="skip"
+    )
     trainer = _trainer(tmp_path)
     trainer.fit(stage, _loader())
     assert stage.skipped_steps == 1
@@ -57,7 +59,7 @@ def test_non_finite_loss_can_skip_the_step(tmp_path):
 
 
 def test_no_checkpoint_with_non_finite_weights_is_written(tmp_path):
-    stage = PruningStage(input_size=160)
+    stage = PruningStage.from_options(input_size=160)
     trainer = _trainer(tmp_path)
     trainer.strategy.connect(stage)
     with torch.no_grad():

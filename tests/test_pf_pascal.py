@@ -474,7 +474,11 @@ def test_missing_data_says_how_to_download(tmp_path):
 
 
 def _run_cli(args: list[str]) -> int:
-    fast = ["--model.weights=none", f"--model.input_size={INPUT}", "--trainer.fast_dev_run=true"]
+    fast = [
+        "--model.model.weights=none",
+        f"--model.model.input_size={INPUT}",
+        "--trainer.fast_dev_run=true",
+    ]
     return main([*args, *fast, "--data.batch_size=2", "--data.num_workers=0"])
 
 
@@ -559,7 +563,7 @@ def test_the_test_config_writes_the_spair_outputs(tmp_path, monkeypatch):
     points = [[20, 30], [250, 150]]
     root = tmp_path / "pf"
     write_layout(root, test=[keypoint_row("2009_000001", "2009_000001", "cat", points, points)])
-    stage = MatchingStage(backbone="resnet18", weights="none", input_size=INPUT)
+    stage = MatchingStage.from_options(backbone="resnet18", weights="none", input_size=INPUT)
     save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     results = tmp_path / "results"
     args = [

@@ -22,7 +22,8 @@ from kornia.geometry.transform import get_tps_transform, warp_affine, warp_image
 
 from data_modules.bad_pairs import POINT_TOLERANCE, BadPairPolicy
 from data_modules.caltech import read_caltech_pairs
-from data_modules.pf_pascal import PairList, PFPascalDataModule, read_rows
+from data_modules.pairs import PairList, read_rows
+from data_modules.pf_pascal import PFPascalDataModule
 from data_modules.pf_willow import COLUMNS as WILLOW_COLUMNS
 from data_modules.pf_willow import read_willow_pairs
 from data_modules.spair import REQUIRED_KEYS, read_split

@@ -12,7 +12,8 @@ from data_modules.pf_willow import PFWillowDataModule
 from guided_flow.cli.main import main
 from guided_flow.errors import ConfigError
 from guided_flow.evaluation.keypoints import PCK_PROTOCOLS, resolve_protocol
-from guided_flow.training.stages import EvaluationOptions, MatchingStage
+from guided_flow.training.evaluation_steps import EvaluationOptions
+from guided_flow.training.stages import MatchingStage
 from tests.helpers import save_stage_checkpoint
 from tests.test_pf_pascal import INPUT, REPO, training_layout
 from tests.test_pf_willow import image, willow_row, write_willow
@@ -51,7 +52,7 @@ def test_fit_on_one_benchmark_then_test_on_another_uses_the_second_protocol(tmp_
     pascal = tmp_path / "pf-pascal"
     training_layout(pascal)
     torch.manual_seed(0)
-    stage = MatchingStage(backbone="resnet18", weights="none", input_size=INPUT)
+    stage = MatchingStage.from_options(backbone="resnet18", weights="none", input_size=INPUT)
     fresh = copy.deepcopy(stage)
     fit_module = PFPascalDataModule(str(pascal), image_size=INPUT, batch_size=2)
     trainer = _trainer()
@@ -87,7 +88,7 @@ def test_presets_set_bound_and_resolution_and_exclude_the_single_options():
 def test_test_command_names_the_preset_in_run_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _willow(tmp_path / "willow")
-    stage = MatchingStage(backbone="resnet18", weights="none", input_size=INPUT)
+    stage = MatchingStage.from_options(backbone="resnet18", weights="none", input_size=INPUT)
     checkpoint = save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     bounds = {}
     for protocol in ("valid_kps", "padded_kps"):

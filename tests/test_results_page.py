@@ -31,7 +31,7 @@ def results(tmp_path_factory):
         willow_row(image("duck(S)", 1), image("duck(S)", 2), SRC, SRC),
     ]
     write_willow(tmp / "willow", rows)
-    stage = MatchingStage(backbone="resnet18", weights="none", input_size=INPUT)
+    stage = MatchingStage.from_options(backbone="resnet18", weights="none", input_size=INPUT)
     checkpoint = save_stage_checkpoint(stage, tmp / "model.ckpt")
     args = [
         "test",

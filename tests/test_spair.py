@@ -191,7 +191,7 @@ def test_cache_is_built_once_and_rebuilt_when_annotations_change(tmp_path):
     module.prepare_data()
     assert cache.stat().st_mtime_ns != built
     module.setup("test")
-    assert module.dataset.annotations.difficulty[0, 3] == 0
+    assert module.pair_lists["test"].difficulty[0, 3] == 0
 
 
 def test_identity_flow_on_identical_pairs_scores_one(tmp_path):
@@ -320,7 +320,7 @@ def test_guided_flow_test_on_spair_writes_the_tables(tmp_path, capsys):
 
     root = tmp_path / "SPair-71k"
     write_spair(root, mixed_records())
-    stage = MatchingStage(input_size=160, compare_untrained=True)
+    stage = MatchingStage.from_options(input_size=160, compare_untrained=True)
     save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     config = Path(__file__).resolve().parents[1] / "experiments" / "test_spair.yaml"
     args = ["test", "--config", str(config), f"--ckpt_path={tmp_path / 'model.ckpt'}"]

@@ -41,7 +41,7 @@ def _total_loss(stage, batch) -> torch.Tensor:
 @pytest.mark.parametrize("stage_class, lr", [(MatchingStage, 1e-3)])
 def test_loss_on_a_fixed_batch_drops_within_50_adam_steps(stage_class, lr):
     torch.manual_seed(0)
-    stage = stage_class(input_size=SIZE, temperature=0.1).train()
+    stage = stage_class.from_options(input_size=SIZE, temperature=0.1).train()
     batch = _fixed_batch()
     optimiser = torch.optim.Adam([p for p in stage.parameters() if p.requires_grad], lr=lr)
     first = None
@@ -57,26 +57,37 @@ def test_loss_on_a_fixed_batch_drops_within_50_adam_steps(stage_class, lr):
 
 
 def test_checkpoints_record_the_feature_layers_used():
-    assert MatchingStage(input_size=SIZE).hparams.feature_layers == [10, 12, 14]
-    assert MatchingStage(input_size=SIZE, feature_layers=[10]).hparams.feature_layers == [10]
+    assert MatchingStage.from_options(input_size=SIZE).hparams.model["feature_layers"] == [
+        10,
+        12,
+        14,
+    ]
+    assert MatchingStage.from_options(input_size=SIZE, feature_layers=[10]).hparams.model[
+        "feature_layers"
+    ] == [10]
 
 
 def test_flow_base_reaches_the_model_and_the_checkpoint_hparams():
-    stage = MatchingStage(input_size=SIZE, flow_base="soft_argmax", soft_argmax_beta=20.0)
+    stage = MatchingStage.from_options(
+        input_size=SIZE, flow_base="soft_argmax", soft_argmax_beta=20.0
+    )
     assert (stage.model.flow_base, stage.model.soft_argmax_beta) == ("soft_argmax", 20.0)
-    assert stage.hparams.flow_base == "soft_argmax" and stage.hparams.soft_argmax_beta == 20.0
-    assert MatchingStage(input_size=SIZE).model.flow_base == "guidance"
+    assert (
+        stage.hparams.model["flow_base"] == "soft_argmax"
+        and stage.hparams.model["soft_argmax_beta"] == 20.0
+    )
+    assert MatchingStage.from_options(input_size=SIZE).model.flow_base == "guidance"
 
 
 def test_stage_one_trains_the_pruning_net_only():
-    stage = PruningStage(input_size=SIZE)
+    stage = PruningStage.from_options(input_size=SIZE)
     trained = {n for n, p in stage.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("model.pruning_net.") for n in trained)
-    assert stage.hparams.trainable_blocks == 0
+    assert stage.hparams.model["trainable_blocks"] == 0
 
 
 def test_stage_two_trains_pruning_matching_and_the_last_backbone_block():
-    stage = MatchingStage(input_size=SIZE)
+    stage = MatchingStage.from_options(input_size=SIZE)
     trained = {n for n, p in stage.named_parameters() if p.requires_grad}
     assert any(n.startswith("model.pruning_net.") for n in trained)
     assert any(n.startswith("model.matching_net.") for n in trained)
@@ -91,14 +102,14 @@ def test_stage_two_trains_pruning_matching_and_the_last_backbone_block():
 
 def test_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
 
-    first = PruningStage(input_size=SIZE)
+    first = PruningStage.from_options(input_size=SIZE)
     with torch.no_grad():
         first.model.pruning_net.body.conv8.bias.fill_(3.0)
     path = save_stage_checkpoint(first, tmp_path / "stage1.ckpt")
-    second = MatchingStage(input_size=SIZE, init_checkpoint=str(path))
+    second = MatchingStage.from_options(input_size=SIZE, init_checkpoint=str(path))
     second.setup("fit")
     assert (second.model.pruning_net.body.conv8.bias == 3.0).all()
-    smaller = MatchingStage(input_size=128, init_checkpoint=str(path))
+    smaller = MatchingStage.from_options(input_size=128, init_checkpoint=str(path))
     with pytest.raises(ConfigError, match="input_size"):
         load_stage_weights(smaller, str(path))
 
@@ -118,15 +129,15 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
 )
 def test_bad_stage_options_name_the_option(kwargs, option):
     with pytest.raises(ConfigError, match=option):
-        PruningStage(**kwargs)
+        PruningStage.from_options(**kwargs)
 
 
 def test_a_checkpoint_written_before_the_flow_base_option_loads_as_tau_equals_g(tmp_path):
-    stage = MatchingStage(input_size=SIZE, flow_base="soft_argmax")
+    stage = MatchingStage.from_options(input_size=SIZE, flow_base="soft_argmax")
     path = save_stage_checkpoint(stage, tmp_path / "new.ckpt")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     for name in ("flow_base", "soft_argmax_beta"):
-        del checkpoint["hyper_parameters"][name]
+        del checkpoint["hyper_parameters"]["model"][name]
     torch.save(checkpoint, tmp_path / "old.ckpt")
     loaded = MatchingStage.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
     assert loaded.model.flow_base == "guidance"

@@ -18,7 +18,7 @@ from tests.helpers import wandb_records
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
 TINY_TRIAL = [
-    "--model.input_size=160",
+    "--model.model.input_size=160",
     "--data.batch_size=2",
     "--data.train_pairs_per_epoch=4",
     "--data.val_pairs=2",
@@ -150,7 +150,7 @@ def test_wandb_agent_runs_a_tiny_trial_offline(tmp_path, monkeypatch):
     run_dir = next(token for token in command if token.startswith("--run_dir="))
     command[command.index(run_dir)] = f"--run_dir={tmp_path}/runs/{{run_id}}"
     command[-1:-1] = [*TINY_TRIAL, f"--data.cache_dir={tmp_path / 'cache'}"]
-    process = agent_command(tmp_path, monkeypatch, command, {"model.lambda_geo": 2}, "trial7")
+    process = agent_command(tmp_path, monkeypatch, command, {"model.loss.lambda_geo": 2}, "trial7")
     assert process.wait() == 0
     run = tmp_path / "runs" / "trial7"
     assert (run / "outputs" / "demo" / "stage1.ckpt").is_file()
@@ -183,15 +183,17 @@ def test_wandb_agent_runs_a_tiny_trial_offline(tmp_path, monkeypatch):
     assert len(history) == 2 and values == pytest.approx([max(history)] * len(values))
     assert isinstance(summaries[-1], float)  # the explicit best value is the final summary
     assert any(m.name == "val/pck" and m.summary.max for m in metrics)
-    assert float(config["lambda_geo"]) == 2.0
+    assert float(json.loads(config["loss"])["lambda_geo"]) == 2.0
 
 
 def test_the_paper_grids_have_the_paper_values():
     grids = {p.stem: load_sweep(p).parameters for p in SWEEPS}
-    assert grids["cp_cm"] == {"model.c_p": [0.1, 2, 5, 7], "model.c_m": [0.1, 2, 5, 7]}
-    assert grids["windows"] == {"model.window_n": [3, 5, 7, 11], "model.window_m": [3, 5, 7, 11]}
-    assert list(grids["lambda"]) == ["model.lambda_geo"]
-    assert list(grids["lambda_m_sm"]) == ["model.lambda_m", "model.lambda_sm"]
+    values = [0.1, 2, 5, 7]
+    assert grids["cp_cm"] == {"model.model.c_p": values, "model.model.c_m": values}
+    windows = [3, 5, 7, 11]
+    assert grids["windows"] == {"model.model.window_n": windows, "model.loss.window_m": windows}
+    assert list(grids["lambda"]) == ["model.loss.lambda_geo"]
+    assert list(grids["lambda_m_sm"]) == ["model.loss.lambda_m", "model.loss.lambda_sm"]
 
 
 def test_non_grid_sweeps_are_refused_with_the_file_named(tmp_path):
@@ -215,7 +217,8 @@ def test_test_time_grid_scores_one_checkpoint_per_trial(tmp_path, monkeypatch):
         val_header=TEST_HEADER,
     )
     save_stage_checkpoint(
-        MatchingStage(backbone="resnet18", weights="none", input_size=INPUT), tmp_path / "s2.ckpt"
+        MatchingStage.from_options(backbone="resnet18", weights="none", input_size=INPUT),
+        tmp_path / "s2.ckpt",
     )
     spec = yaml.safe_load((REPO / "experiments" / "sweeps" / "cp_cm_test_time.yaml").read_text())
     spec["parameters"] = {"model.c_p": {"values": [2]}, "model.c_m": {"values": [0.1, 5]}}

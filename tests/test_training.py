@@ -14,7 +14,7 @@ from guided_flow.training.stages import MatchingStage
 def test_untrained_model_is_a_checkpoint_candidate(tmp_path):
     pl.seed_everything(0)
     # a learning rate that wrecks the matching network at its first step
-    stage = MatchingStage(input_size=160, optimizer="sgd", lr=1e3, trainable_blocks=0)
+    stage = MatchingStage.from_options(input_size=160, optimizer="sgd", lr=1e3, trainable_blocks=0)
     initial = {k: v.clone() for k, v in stage.state_dict().items()}
     data = SyntheticPairsDataModule(
         cache_dir=str(tmp_path / "cache"),

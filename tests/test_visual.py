@@ -13,7 +13,7 @@ from guided_flow.training.stages import PruningStage
 def test_validation_sends_pair_panels_to_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = AutoWandbLogger(save_dir=str(tmp_path), project="guided-flow-test")
-    stage = PruningStage(input_size=160)
+    stage = PruningStage.from_options(input_size=160)
     data = SyntheticPairsDataModule(
         cache_dir=str(tmp_path / "cache"), image_size=160, batch_size=2, val_pairs=2
     )
@@ -29,7 +29,7 @@ def test_pair_panel_shows_every_view():
 
     from guided_flow.viz.panels import pair_panel
 
-    stage = PruningStage(input_size=160).eval()
+    stage = PruningStage.from_options(input_size=160).eval()
     images = torch.randn(2, 3, 160, 160)
     batch = {"source_image": images[:1], "target_image": images[1:]}
     with torch.no_grad():

@@ -11,10 +11,9 @@ on the source grid and points into the target, ``flow_t2s`` the reverse.
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from PIL import Image
 
 from guided_flow.errors import GuidedFlowError, one_line
 from guided_flow.io.images import load_image, normalise, resize_image
-from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.flow_model import GuidedFlowModel, ModelConfig
 from guided_flow.model.geometry import (
     cell_positions,
     rescale_points,
@@ -31,7 +30,6 @@ from guided_flow.model.geometry import (
     sample_at,
     transfer_original_points,
 )
-from guided_flow.training.stages import MatchingStage
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 """A file path, a PIL image, an ``H x W (x 3|4)`` array or a ``(3|1) x H x W`` tensor; arrays
@@ -147,14 +145,6 @@ def warp_source(source: np.ndarray, flow_t2s: np.ndarray) -> np.ndarray:
     return warped.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def _build_model(hparams: dict) -> GuidedFlowModel:
-    """The model of a :class:`MatchingStage` built from its hyper-parameters (only those the
-    stage accepts; ``init_checkpoint`` is dropped, it matters for training only)."""
-    accepted = set(inspect.signature(MatchingStage.__init__).parameters) - {"self"}
-    options = {k: v for k, v in hparams.items() if k in accepted and k != "init_checkpoint"}
-    return MatchingStage(**options).model
-
-
 class GuidedSemanticFlow:
     """Dense semantic flow between two pictures of any size.
 
@@ -167,7 +157,7 @@ class GuidedSemanticFlow:
         self, model: GuidedFlowModel | None = None, device: str | torch.device = "cpu"
     ) -> None:
         if model is None:
-            model = _build_model({})
+            model = GuidedFlowModel.from_config(ModelConfig())
         if model.backbone is None:
             raise ValueError("GuidedSemanticFlow needs a model with a backbone")
         self.model = model.eval().to(device)
@@ -187,7 +177,14 @@ class GuidedSemanticFlow:
         Q through (Q' = 0.99995 Q) and a zero matching residual, so the flow tau is the
         interpolated guidance G'. ``input_size``: pixels of the square network input, a
         multiple of 16."""
-        return cls(_build_model({"backbone": backbone, "input_size": input_size}), device)
+        return cls.from_config(ModelConfig(backbone=backbone, input_size=input_size), device)
+
+    @classmethod
+    def from_config(
+        cls, config: ModelConfig, device: str | torch.device = "cpu"
+    ) -> GuidedSemanticFlow:
+        """The model of ``config`` with freshly initialised networks (see :meth:`untrained`)."""
+        return cls(GuidedFlowModel.from_config(config), device)
 
     @classmethod
     def from_checkpoint(
@@ -213,7 +210,8 @@ class GuidedSemanticFlow:
             # (or downloading) the ImageNet weights it was initialised from.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", _RANDOM_WEIGHTS_WARNING, UserWarning)
-                model = _build_model({**checkpoint.get("hyper_parameters", {}), "weights": "none"})
+                config = ModelConfig.from_hparams(checkpoint.get("hyper_parameters", {}))
+                model = GuidedFlowModel.from_config(replace(config, weights="none"))
             state = {
                 key.removeprefix("model."): value
                 for key, value in checkpoint["state_dict"].items()
@@ -252,9 +250,11 @@ class GuidedSemanticFlow:
         source_rgb, target_rgb = as_rgb(source), as_rgb(target)
         kps = None if source_kps is None else as_points(source_kps)
         source_size, target_size = source_rgb.shape[:2], target_rgb.shape[:2]
+        backbone = self.model.backbone
+        assert backbone is not None  # checked in __init__
         with torch.inference_mode():
             images = torch.stack((self._network_input(source_rgb), self._network_input(target_rgb)))
-            features = self.model.backbone(images)
+            features = backbone(images)
             # One batch, both directions: (source, target) and (target, source).
             out = self.model.forward_features(features, features.flip(0))
             flows = out.flow_pixels(self.input_size)  # 2 x 2 x H x W input pixels

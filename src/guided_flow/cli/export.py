@@ -23,7 +23,7 @@ from torch import nn
 
 from guided_flow.api import GuidedSemanticFlow
 from guided_flow.errors import ConfigError
-from guided_flow.io.flow_files import atomic_open
+from guided_flow.io.atomic import atomic_open
 from guided_flow.model.flow_model import GuidedFlowModel
 
 FORMATS = ("torchscript", "onnx")
@@ -133,7 +133,8 @@ def export_onnx(predictor: FlowPredictor, inputs: tuple[torch.Tensor, ...]) -> b
         torch.onnx.export(
             predictor,
             inputs,
-            buffer,
+            # The TorchScript exporter writes to file objects too; the annotation says paths.
+            buffer,  # type: ignore[arg-type]
             dynamo=False,
             input_names=list(INPUT_NAMES),
             output_names=[OUTPUT_NAME],

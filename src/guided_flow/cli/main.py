@@ -20,9 +20,13 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from pytorch_lightning.cli import LightningCLI
+import torch
+from jsonargparse import Namespace
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from guided_flow.cli.legacy import upgrade_arguments
 from guided_flow.errors import ConfigError, GuidedFlowError
 from guided_flow.evaluation.keypoints import (
     EVAL_RESOLUTIONS,
@@ -32,13 +36,10 @@ from guided_flow.evaluation.keypoints import (
     format_table,
     resolve_protocol,
 )
+from guided_flow.io.atomic import write_json
 from guided_flow.training.callbacks import FlowWriter
-from guided_flow.training.stages import (
-    EvaluationOptions,
-    GuidedFlowStage,
-    scalar_test_metrics,
-    write_json,
-)
+from guided_flow.training.evaluation_steps import EvaluationOptions, scalar_test_metrics
+from guided_flow.training.stages import GuidedFlowStage
 
 # Every command with its one-line description, in the order ``guided-flow --help`` lists them.
 COMMANDS = {
@@ -59,8 +60,8 @@ TOOL_COMMANDS = {
     "sweep": "guided_flow.cli.sweep",
     "export": "guided_flow.cli.export",
 }
-# Model options that change only G', C' and the flow base (no weight depends on them): given on
-# the command line, they override a checkpoint's values.
+# Model options (``--model.model.*``) that change only G', C' and the flow base (no weight depends
+# on them): given on the command line, they override a checkpoint's values.
 TEST_TIME_OPTIONS = (
     "rho", "c_p", "c_m", "window_n", "guidance_model", "flow_base", "soft_argmax_beta",
 )  # fmt: skip
@@ -126,19 +127,19 @@ PROJECT_OPTIONS = (
 
 
 def _model_input_size(model: GuidedFlowStage) -> int:
-    return model.hparams.input_size
+    return model.model_config.input_size
 
 
 class GuidedFlowCLI(LightningCLI):
     """LightningCLI in omegaconf mode; the data's image size follows the model (and so the
     checkpoint given by ``--ckpt_path``), evaluation options are top-level flags."""
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for option in PROJECT_OPTIONS:
             if option.flag:
                 parser.add_argument(f"--{option.name}", type=bool, default=False, help=option.help)
                 continue
-            choices = {"choices": [None, *option.choices]} if option.choices else {}
+            choices: dict[str, Any] = {"choices": [None, *option.choices]} if option.choices else {}
             parser.add_argument(
                 f"--{option.name}",
                 type=str | None,
@@ -148,7 +149,7 @@ class GuidedFlowCLI(LightningCLI):
             )
         # A test config may leave the model out: --ckpt_path then supplies the stage and its
         # hyper-parameters.
-        parser.set_defaults({"model": {"class_path": "guided_flow.training.stages.MatchingStage"}})
+        parser.set_defaults({"model": {"class_path": "guided_flow.training.MatchingStage"}})
         parser.link_arguments(
             "model",
             "data.init_args.image_size",
@@ -156,30 +157,38 @@ class GuidedFlowCLI(LightningCLI):
             apply_on="instantiate",
         )
 
-    def parse_arguments(self, parser, args) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         self.command_line = list(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        """The checkpoint's hyper-parameters rebuild the model; the test-time options given on
-        the command line then override them."""
+        """The checkpoint's hyper-parameters (0.1's upgraded to option groups) rebuild the
+        model; the test-time options given on the command line then override them."""
+        self.test_time_overrides = {}
         subcommand = self.config.get("subcommand")
-        overrides = {}
-        if subcommand in LIGHTNING_COMMANDS and self.config[subcommand].get("ckpt_path"):
-            given = command_line_model_options(self.command_line)
-            init_args = self.config[subcommand]["model"].get("init_args") or {}
-            overrides = {name: init_args[name] for name in TEST_TIME_OPTIONS if name in given}
-        super()._parse_ckpt_path()
-        if overrides:
-            model = self.config[subcommand]["model"]
-            for name, value in overrides.items():
-                model["init_args"][name] = value
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand not in LIGHTNING_COMMANDS or not path or not os.path.isfile(path):
+            return
+        given = command_line_model_options(self.command_line)
+        options = (self.config[subcommand]["model"].get("init_args") or {}).get("model") or {}
+        overrides = {name: options.get(name) for name in TEST_TIME_OPTIONS if name in given}
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        hparams = GuidedFlowStage.upgrade_checkpoint(checkpoint).get("hyper_parameters") or {}
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        model = {"class_path": hparams.pop("_class_path"), "init_args": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        for name, value in overrides.items():
+            self.config[subcommand]["model"]["init_args"]["model"][name] = value
         self.test_time_overrides = overrides
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
-        if self.subcommand != "fit":
-            require_trained_model(self.subcommand, config)
+        subcommand = self.subcommand
+        assert subcommand is not None, "this CLI always runs a subcommand (run=True)"
+        config = self.config[subcommand]
+        if subcommand != "fit":
+            require_trained_model(subcommand, config)
         run_dir = config.get("run_dir")
         if run_dir:
             config["run_dir"] = run_dir.replace("{run_id}", run_identifier())
@@ -228,7 +237,8 @@ class GuidedFlowCLI(LightningCLI):
         directory = self.config["predict"].get("predictions_dir") or os.path.join(
             self.trainer.log_dir or ".", "predictions"
         )
-        self.trainer.callbacks.append(FlowWriter(directory))
+        # Lightning sets Trainer.callbacks at run time: the Trainer type does not declare it
+        self.trainer.callbacks.append(FlowWriter(directory))  # type: ignore[attr-defined]
 
     def after_test(self) -> None:
         results = self.model.test_results
@@ -242,17 +252,18 @@ class GuidedFlowCLI(LightningCLI):
 
 
 def command_line_model_options(argv: list[str]) -> set[str]:
-    """Names of the model options given on a command line (``--model.c_m 2``,
-    ``--model.init_args.c_m=2``)."""
+    """Names of the model group's options given on a command line (``--model.model.c_m 2``,
+    ``--model.init_args.model.c_m=2``)."""
     names = set()
     for token in argv:
         if token.startswith("--model."):
-            key = token[len("--model.") :].split("=", 1)[0]
-            names.add(key.removeprefix("init_args."))
+            key = token[len("--model.") :].split("=", 1)[0].removeprefix("init_args.")
+            if key.startswith("model."):
+                names.add(key.removeprefix("model."))
     return names
 
 
-def require_trained_model(subcommand: str, config) -> None:
+def require_trained_model(subcommand: str, config: Namespace) -> None:
     """Refuse to score or run a model that no checkpoint trained, unless asked explicitly."""
     if config.get("ckpt_path") or config.get("allow_untrained"):
         return
@@ -271,7 +282,7 @@ def run_identifier() -> str:
     return os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:8]
 
 
-def move_outputs_into(config, run_dir: str) -> None:
+def move_outputs_into(config: Namespace, run_dir: str) -> None:
     """Rebase the run's relative output paths into ``run_dir``: the trainer's root folder, each
     callback's ``dirpath``, the logger's ``save_dir``, the results, predictions and summary
     files. Absolute paths are kept; unset folders go to ``run_dir`` itself."""
@@ -322,14 +333,15 @@ def run_lightning(args: list[str] | None = None) -> GuidedFlowCLI:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     given = argv is not None
-    argv = list(argv if given else sys.argv[1:])
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print_overview()
         return 0 if argv else 2
     try:
         if argv and argv[0] in TOOL_COMMANDS:
             return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
-        run_lightning(argv if given else None)
+        upgraded = upgrade_arguments(argv)
+        run_lightning(upgraded if given or upgraded != argv else None)
     except Exception as error:
         # Class instantiation inside the CLI wraps our errors: find ours in the chain.
         own = _own_error(error)

@@ -27,10 +27,10 @@ import torch
 
 from guided_flow.api import GuidedSemanticFlow, MatchResult, as_points, as_rgb, warp_source
 from guided_flow.errors import ConfigError, DataError
+from guided_flow.io.atomic import write_json
 from guided_flow.io.flow_files import write_flo, write_flow_npy
-from guided_flow.training.stages import write_json
 from guided_flow.viz.drawing import draw_matches, flow_to_color, save_png
-from guided_flow.viz.pages import write_match_page
+from guided_flow.viz.match_page import write_match_page
 
 UNTRAINED_NOTE = (
     "note: no --ckpt given: running the untrained method on the embedded ImageNet "
@@ -107,6 +107,7 @@ def write_results(
     save_png(out_dir / "matches.png", draw_matches(source, target, *result.confident_matches))
     names = ["warped.png", "flow_s2t.npy", "flow_s2t.flo", "flow.png", "matches.png"]
     if source_kps is not None:
+        assert result.keypoints is not None  # the result of matching with source_kps
         write_json(
             str(out_dir / "keypoints.json"),
             {"source_kps": source_kps.tolist(), "target_kps": result.keypoints.tolist()},

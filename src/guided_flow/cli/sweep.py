@@ -22,14 +22,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
 from guided_flow.errors import ConfigError
-from guided_flow.io.flow_files import atomic_open
+from guided_flow.io.atomic import atomic_open
 
 DEFAULT_METRIC = "val/pck"
 
@@ -160,9 +162,9 @@ def write_summary(path: Path, rows: list[dict[str, object]]) -> None:
         handle.write(text.getvalue().encode())
 
 
-def write_heatmap(path: Path, sweep: SweepDefinition, rows: list[dict[str, object]]) -> None:
+def write_heatmap(path: Path, sweep: SweepDefinition, rows: Sequence[Mapping[str, Any]]) -> None:
     """The metric over the first two swept parameters (one row when only one is swept); failed
-    trials are blank."""
+    trials are blank. ``rows``: as :func:`run_sweep` returns them (JSON values)."""
     import matplotlib
 
     matplotlib.use("Agg")

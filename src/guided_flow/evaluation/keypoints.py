@@ -44,7 +44,7 @@ from guided_flow.evaluation.metrics import (
     KeypointRecords,
     keypoint_hits,
 )
-from guided_flow.io.flow_files import atomic_open
+from guided_flow.io.atomic import atomic_open
 from guided_flow.model.geometry import rescale_points, resize_scale, transfer_keypoints
 
 PCK_BOUNDS = ("trg_bbox", "src_bbox", "trg_img", "src_img", "trg_kps", "trg_kps_padded")

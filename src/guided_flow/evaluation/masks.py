@@ -30,6 +30,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ from guided_flow.evaluation.keypoints import (
     check_choice,
 )
 from guided_flow.evaluation.metrics import first_occurrences
-from guided_flow.io.flow_files import atomic_open
+from guided_flow.io.atomic import atomic_open
 from guided_flow.model.geometry import (
     cell_positions,
     rasterise_polygon,
@@ -143,8 +144,11 @@ class MaskTransferMetric(Metric):
     higher_is_better = True
     full_state_update = False
     _STATES = ("index", "category", *MASK_METRICS)
+    # The states (``add_state``): lists of batch tensors until synced; the scores' lists too.
+    index: list[torch.Tensor]
+    category: list[torch.Tensor]
 
-    def __init__(self, categories: Sequence[str] | None = None, **kwargs) -> None:
+    def __init__(self, categories: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.categories = None if categories is None else tuple(categories)
         for name in self._STATES:
@@ -257,10 +261,11 @@ class MaskTransferEvaluator(nn.Module):
         meta = batch["meta"]
         rows = []
         for b in range(flow.shape[0]):
-            sizes = {}
+            sizes: dict[str, tuple[int, int]] = {}
             masks = {}
             for side in ("source", "target"):
-                sizes[side] = tuple(int(v) for v in meta[f"{side}_size"][b].tolist())
+                size_h, size_w = meta[f"{side}_size"][b].tolist()
+                sizes[side] = (int(size_h), int(size_w))
                 polygon = meta[f"{side}_polygon"][b].detach().cpu().numpy()
                 masks[side] = torch.from_numpy(rasterise_polygon(polygon, sizes[side]))
             matches = _original_matches(flow[b], sizes["target"], sizes["source"])

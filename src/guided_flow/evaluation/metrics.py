@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -114,13 +115,23 @@ class KeypointPCK(Metric):
         "pred_kps",
         "trg_kps",
     )
+    # The states (``add_state``): lists of batch tensors until synced.
+    index: list[torch.Tensor]
+    category: list[torch.Tensor]
+    difficulty: list[torch.Tensor]
+    bound: list[torch.Tensor]
+    kps_pair: list[torch.Tensor]
+    kps_slot: list[torch.Tensor]
+    src_kps: list[torch.Tensor]
+    pred_kps: list[torch.Tensor]
+    trg_kps: list[torch.Tensor]
 
     def __init__(
         self,
         alphas: Sequence[float] = DEFAULT_ALPHAS,
         categories: Sequence[str] | None = None,
         difficulty_names: Sequence[str] = (),
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not alphas or any(not 0 < alpha for alpha in alphas):
@@ -262,8 +273,12 @@ class DenseFlowMetric(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    # The states (``add_state``): lists of batch tensors until synced.
+    index: list[torch.Tensor]
+    pck: list[torch.Tensor]
+    epe: list[torch.Tensor]
 
-    def __init__(self, alphas: Sequence[float] = DEFAULT_ALPHAS, **kwargs) -> None:
+    def __init__(self, alphas: Sequence[float] = DEFAULT_ALPHAS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not alphas or any(not 0 < alpha for alpha in alphas):
             raise ValueError(f"alphas must be a non-empty list of positive numbers, got {alphas}")

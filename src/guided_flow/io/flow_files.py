@@ -1,4 +1,4 @@
-"""Flow files: Middlebury ``.flo``, ``.npy``, and atomic file writing.
+"""Flow files: Middlebury ``.flo`` and ``.npy``, written atomically.
 
 Flows in files are ``H x W x 2`` float32 in pixels (channel 0 = dx, channel 1 = dy); the direction
 is the caller's to name (``flow_s2t`` or ``flow_t2s``, see :mod:`guided_flow.model.geometry`).
@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from guided_flow.errors import DataError
+from guided_flow.io.atomic import atomic_open
 
 FLO_MAGIC = 202021.25
 """First four bytes of a ``.flo`` file as a little-endian float32 (the ASCII text ``PIEH``)."""
@@ -39,25 +36,6 @@ def flow_to_numpy(flow: np.ndarray | torch.Tensor) -> np.ndarray:
     if array.ndim != 3 or array.shape[2] != 2:
         raise ValueError(f"a flow array must be H x W x 2, got {array.shape}")
     return array
-
-
-@contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open ``path`` for binary writing so that it appears complete or not at all: the data go to
-    a hidden temporary file in the same folder, which replaces ``path`` when the block exits
-    without error (and is removed otherwise). Parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_flo(path: str | os.PathLike, flow: np.ndarray | torch.Tensor) -> None:

@@ -6,6 +6,7 @@ tensors normalised with the ImageNet statistics below.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def denormalise(images: torch.Tensor) -> torch.Tensor:
     return images * std + mean
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as RGB: ``H x W x 3`` uint8. Greyscale, palette and RGBA/LA images are
     converted (alpha is dropped). A missing, unreadable or truncated file raises
     :class:`~guided_flow.errors.DataError` naming the file."""

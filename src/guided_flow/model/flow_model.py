@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -101,6 +102,54 @@ def check_hyper_parameters(
         )
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every option of :class:`GuidedFlowModel` (``--model.model.*`` on the command line).
+
+    ``backbone``, ``weights``, ``feature_layers`` and ``trainable_blocks`` build the feature
+    extractor (:class:`~guided_flow.model.backbone.FeatureExtractor`; ``feature_layers=None``: the
+    backbone's default layers, ``trainable_blocks=None``: the training stage's default);
+    ``input_size`` is the square network input in pixels, a multiple of the stride (16). The rest
+    are METHOD.md's: rho (section 4), c_P and N (section 5), c_M (section 7), the guidance model
+    and the flow base (section 8 and the proposed soft-argmax base, with its sharpness beta).
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    feature_layers: list[int] | None = None
+    trainable_blocks: int | None = None
+    input_size: int = 320
+    rho: float = 0.9
+    c_p: float = 5.0
+    c_m: float = 5.0
+    window_n: int = 5
+    guidance_model: str = "translation"
+    flow_base: str = "guidance"
+    soft_argmax_beta: float = 50.0
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first option outside its range."""
+        if self.input_size <= 0:
+            raise ConfigError(f"input_size={self.input_size} is invalid: it must be positive")
+        check_hyper_parameters(
+            self.rho,
+            self.c_p,
+            self.c_m,
+            self.window_n,
+            self.guidance_model,
+            self.flow_base,
+            self.soft_argmax_beta,
+        )
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping) -> ModelConfig:
+        """The model options of a checkpoint's hyper-parameters, nested under ``"model"``
+        (0.2 and later) or flat (0.1); options a checkpoint predates take their defaults."""
+        nested = hparams.get("model")
+        options = nested if isinstance(nested, Mapping) else hparams
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
+
+
 class GuidedFlowModel(nn.Module):
     """Features -> C -> Q -> Q' (pruning net) -> G -> G' -> C' -> tau = G' + M(C').
 
@@ -136,6 +185,34 @@ class GuidedFlowModel(nn.Module):
         cells = self.grid[0] * self.grid[1]
         self.pruning_net = PruningNet(cells)
         self.matching_net = MatchingNet(cells)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, trainable_blocks: int = 0) -> GuidedFlowModel:
+        """The model of ``config``, its backbone's last ``trainable_blocks`` blocks trainable
+        (``config.trainable_blocks`` wins when it is set)."""
+        config.check()
+        if config.trainable_blocks is not None:
+            trainable_blocks = config.trainable_blocks
+        extractor = FeatureExtractor(
+            config.backbone, config.weights, trainable_blocks, config.feature_layers
+        )
+        if config.input_size % extractor.stride:
+            raise ConfigError(
+                f"input_size={config.input_size} is invalid: it must be a multiple of the "
+                f"backbone stride {extractor.stride}"
+            )
+        grid = (config.input_size // extractor.stride,) * 2
+        return cls(
+            extractor,
+            grid,
+            config.rho,
+            config.c_p,
+            config.c_m,
+            config.window_n,
+            config.guidance_model,
+            config.flow_base,
+            config.soft_argmax_beta,
+        )
 
     @property
     def input_size(self) -> tuple[int, int]:

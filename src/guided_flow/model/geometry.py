@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 
-def cell_positions(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def cell_positions(
+    h: int, w: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Positions of the cells of an ``h x w`` grid in raster order: ``(h*w) x 2`` as (x, y)."""
     ys, xs = torch.meshgrid(
         torch.arange(h, device=device, dtype=dtype),
@@ -101,7 +103,8 @@ def transfer_original_points(
     ``source_size`` and ``target_size`` = (H, W), were resized with per-axis factors): each point
     goes to the input grid, moves by the flow read bilinearly there, and returns to the original
     target. Returns ``K x 2`` float64 original target pixels."""
-    input_size = tuple(flow_s2t.shape[-2:])
+    input_height, input_width = flow_s2t.shape[-2:]
+    input_size = (input_height, input_width)
     sizes = torch.tensor([source_size, target_size], device=flow_s2t.device)
     source_scale, target_scale = resize_scale(sizes, input_size)
     input_points = rescale_points(points.double(), source_scale)

@@ -50,6 +50,7 @@ class EncoderDecoder(nn.Module):
         self.conv7 = nn.Sequential(conv_bn_relu(192, 64), conv_bn_relu(64, 64))
         self.conv8 = nn.Conv2d(64, out_channels, 5, padding=2)
         nn.init.zeros_(self.conv8.weight)
+        assert self.conv8.bias is not None  # a Conv2d has a bias unless built with bias=False
         nn.init.constant_(self.conv8.bias, final_bias)
 
     @staticmethod

@@ -67,7 +67,12 @@ def sparse_guidance(
     return guidance, v
 
 
-def gaussian_window(size: int, variance: float, device=None, dtype=torch.float32) -> torch.Tensor:
+def gaussian_window(
+    size: int,
+    variance: float,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """``size x size`` kernel exp(-||d||^2 / (2 variance)) over integer offsets d, unnormalised."""
     offsets = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
     squared = offsets[:, None] ** 2 + offsets[None, :] ** 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from typing import Any
 
 from pytorch_lightning.loggers import WandbLogger
 
@@ -23,7 +24,7 @@ class AutoWandbLogger(WandbLogger):
     """``WandbLogger`` that runs offline (no prompt, no network; sync later with
     ``wandb sync``) unless an account is configured or ``WANDB_MODE`` says otherwise."""
 
-    def __init__(self, offline: bool | None = None, **kwargs) -> None:
+    def __init__(self, offline: bool | None = None, **kwargs: Any) -> None:
         if offline is None:
             mode = os.environ.get("WANDB_MODE")
             offline = mode in ("offline", "dryrun") or (

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from guided_flow.io.flow_files import UNKNOWN_FLOW, atomic_open, flow_to_numpy
+from guided_flow.io.atomic import atomic_open
+from guided_flow.io.flow_files import UNKNOWN_FLOW, flow_to_numpy
 from guided_flow.model.geometry import warp_by_flow
 
 _WHEEL_ANCHORS = np.array(
@@ -174,7 +175,7 @@ def panel(images: list[np.ndarray], titles: list[str], height: int | None = None
     if height <= 0:
         raise ValueError(f"height must be positive, got {height}")
     font = ImageFont.load_default()
-    band = font.getbbox("Ag")[3] + 2 * _TITLE_PAD
+    band = int(font.getbbox("Ag")[3]) + 2 * _TITLE_PAD  # int pixels (typed float by Pillow)
 
     tiles = []
     for rgb, title in zip(rgbs, titles, strict=True):

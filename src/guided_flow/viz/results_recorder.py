@@ -1,5 +1,5 @@
 """The interactive page of a test run: thumbnails of every pair, and per-pair rows for
-:func:`~guided_flow.viz.pages.write_results_page`.
+:func:`~guided_flow.viz.results_page.write_results_page`.
 
 Keypoint benchmarks give their own rows
 (:meth:`~guided_flow.evaluation.keypoints.KeypointEvaluator.pair_rows`). Pairs with a dense
@@ -20,8 +20,9 @@ from PIL import Image
 
 from guided_flow.io.images import resize_image
 from guided_flow.viz.drawing import draw_matches
-from guided_flow.viz.pages import fitted_size, write_pair_thumbnails, write_results_page
+from guided_flow.viz.html import fitted_size
 from guided_flow.viz.panels import to_uint8
+from guided_flow.viz.results_page import write_pair_thumbnails, write_results_page
 
 DENSE_GRID = 6
 DENSE_ALPHA = 0.05  # PCK@0.1 of dense flow is saturated on self-warps; 0.05 is not
@@ -147,7 +148,8 @@ def pair_panel_image(results_dir: str, pair: Mapping) -> np.ndarray | None:
     ):
         scale = np.array([image.shape[1] / size[1], image.shape[0] / size[0]])
         points.append((np.asarray(kps, dtype=np.float64).reshape(-1, 2) + 0.5) * scale - 0.5)
-    return draw_matches(*thumbs, *points)
+    source_points, target_points = points
+    return draw_matches(thumbs[0], thumbs[1], source_points, target_points)
 
 
 def log_pairs_table(loggers: Sequence, results_dir: str, pairs: list[dict]) -> None:

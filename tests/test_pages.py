@@ -20,10 +20,10 @@ from selenium.webdriver.support.ui import Select
 
 from guided_flow.api import GuidedSemanticFlow, flow_to_original_pixels, warp_source
 from guided_flow.viz.drawing import flow_to_color
-from guided_flow.viz.pages import (
+from guided_flow.viz.match_page import write_match_page
+from guided_flow.viz.results_page import (
     PAGE_SIZE,
     THUMB_DISPLAY,
-    write_match_page,
     write_pair_thumbnails,
     write_results_page,
 )
