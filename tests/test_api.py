@@ -18,6 +18,7 @@ from guided_flow import api
 from guided_flow.api import CheckpointError, GuidedSemanticFlow, flow_to_original_pixels
 from guided_flow.errors import DataError, GuidedFlowError
 from guided_flow.io.images import resize_image
+from guided_flow.model import ModelConfig
 from guided_flow.model.geometry import rescale_points
 from guided_flow.training.stages import MatchingStage
 
@@ -215,3 +216,9 @@ def test_the_package_exports_the_class_lazily():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert output.split() == ["False", "False"]
+
+
+def test_a_model_config_builds_the_untrained_method():
+    matcher = GuidedSemanticFlow.from_config(ModelConfig(input_size=64, rho=0.7, c_m=2.0))
+    assert matcher.input_size == (64, 64)
+    assert (matcher.model.rho, matcher.model.c_m, matcher.checkpoint) == (0.7, 2.0, None)

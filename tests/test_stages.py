@@ -1,12 +1,16 @@
 """The two stages: what each trains, that its loss goes down, options are checked."""
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from skimage import data as skdata
+from torch.utils.data import DataLoader
 
 from data_modules.warps import sample_warp_params, synthesize_pairs
 from guided_flow.errors import ConfigError
 from guided_flow.io.images import normalise, resize_image
+from guided_flow.model import ModelConfig
+from guided_flow.training.options import LossConfig, OptimConfig
 from guided_flow.training.stages import MatchingStage, PruningStage, load_stage_weights
 from tests.helpers import save_stage_checkpoint
 
@@ -143,3 +147,40 @@ def test_a_checkpoint_written_before_the_flow_base_option_loads_as_tau_equals_g(
     assert loaded.model.flow_base == "guidance"
     restored = MatchingStage.load_from_checkpoint(path, map_location="cpu")
     assert (restored.model.flow_base, restored.model.soft_argmax_beta) == ("soft_argmax", 50.0)
+
+
+class _PairsOf(pl.LightningDataModule):
+    """A data module serving one fixed synthetic batch, declaring ``evaluation``."""
+
+    def __init__(self, evaluation: str) -> None:
+        super().__init__()
+        self.evaluation = evaluation
+
+    def val_dataloader(self):
+        return DataLoader([_fixed_batch()], batch_size=None)
+
+
+def _validate(evaluation: str) -> dict:
+    stage = MatchingStage.from_options(input_size=SIZE)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    return trainer.validate(stage, datamodule=_PairsOf(evaluation), verbose=False)[0]
+
+
+def test_the_data_module_says_how_its_pairs_are_scored():
+    """The stage scores what the data module declares, whatever the batch carries: a dense
+    batch under ``dense_flow`` gives EPE; under ``none`` it is refused, naming the module."""
+    assert "val/epe_px" in _validate("dense_flow")
+    with pytest.raises(ConfigError, match="_PairsOf.*evaluation"):
+        _validate("none")
+
+
+def test_option_groups_are_saved_as_plain_dicts_and_rebuild_the_stage(tmp_path):
+    stage = MatchingStage(
+        model=ModelConfig(input_size=SIZE, rho=0.7), loss=LossConfig(lambda_m=2.0)
+    )
+    assert stage.hparams["model"]["rho"] == 0.7 and stage.hparams["loss"]["lambda_m"] == 2.0
+    assert stage.model_config.trainable_blocks == 1  # the stage's default, recorded
+    path = save_stage_checkpoint(stage, tmp_path / "groups.ckpt")
+    loaded = MatchingStage.load_from_checkpoint(path, map_location="cpu")
+    assert loaded.model_config == stage.model_config
+    assert loaded.loss_config == stage.loss_config and loaded.optim_config == OptimConfig()

@@ -51,15 +51,7 @@ from guided_flow.model.geometry import (
 )
 
 MASK_METRICS = ("lt_acc", "iou", "loc_err")
-MASK_TRANSFER_KEY = "source_polygon"
-"""The ``meta`` key that marks a mask-transfer batch (:func:`is_mask_transfer_batch`)."""
 MASK_THRESHOLD = 0.5
-
-
-def is_mask_transfer_batch(batch: Mapping) -> bool:
-    """Whether ``batch`` comes from a mask-transfer benchmark (its ``meta`` carries polygons)."""
-    meta = batch.get("meta")
-    return isinstance(meta, Mapping) and MASK_TRANSFER_KEY in meta
 
 
 def object_boxes(masks: torch.Tensor) -> torch.Tensor:
