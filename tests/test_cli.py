@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -140,13 +141,30 @@ def test_bad_option_is_a_one_line_error_before_any_work(workdir, option, value):
     assert not (workdir / "cache").exists(), "no data work may start before the check"
 
 
-def test_config_files_parse_and_name_existing_options():
+@pytest.mark.parametrize(
+    "subcommand, names",
+    [
+        ("fit", ["demo.yaml"]),
+        ("fit", ["demo_stage2.yaml"]),
+        ("fit", ["stage1.yaml"]),
+        ("fit", ["stage2.yaml"]),
+        ("fit", ["stage2.yaml", "stage2_t0.1_photometric.yaml"]),
+        ("fit", ["finetune_folders.yaml"]),
+        ("test", ["test_spair.yaml"]),
+        ("test", ["test_pfpascal.yaml"]),
+        ("test", ["test_pfwillow.yaml"]),
+        ("test", ["test_caltech.yaml"]),
+    ],
+)
+def test_every_config_parses_and_names_existing_options(subcommand, names):
     from guided_flow.cli.main import run_lightning
 
-    for name in ("demo.yaml", "demo_stage2.yaml"):
+    configs = [arg for name in names for arg in ("--config", _config(name))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no config still uses 0.1's names
         with pytest.raises(SystemExit) as exit_info:
-            run_lightning(["fit", "--config", _config(name), "--print_config"])
-        assert exit_info.value.code == 0
+            run_lightning([subcommand, *configs, "--print_config"])
+    assert exit_info.value.code == 0
 
 
 def test_cli_saves_primitive_hyper_parameters(workdir):
