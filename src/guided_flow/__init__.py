@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public names -> the module that defines them, imported when first asked for.
 _LAZY = {"GuidedSemanticFlow": "guided_flow.api", "MatchResult": "guided_flow.api"}
