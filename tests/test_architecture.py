@@ -88,7 +88,7 @@ def test_imports_point_one_way(path):
     assert not wrong, f"{module} may import only {rule}, but imports {wrong}"
 
 
-def test_the_rules_catch_a_model_module_importing_training(tmp_path):
+def test_the_rules_catch_a_model_module_importing_training():
     assert not allowed("guided_flow.training.stages", MAY_IMPORT["guided_flow.model"])
     assert not allowed("data_modules.synthetic", MAY_IMPORT["guided_flow.evaluation"])
     assert not allowed("guided_flow.evaluation.keypoints", MAY_IMPORT["data_modules"])

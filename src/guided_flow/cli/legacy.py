@@ -15,7 +15,7 @@ import warnings
 import yaml
 
 from guided_flow.errors import ConfigError
-from guided_flow.training.options import FLAT_OPTIONS, OPTION_GROUPS, upgrade_model_config
+from guided_flow.training.options import FLAT_OPTIONS, upgrade_model_config
 
 _MODEL_PREFIXES = ("--model.init_args.", "--model.")
 
@@ -29,7 +29,7 @@ def upgrade_flag(token: str) -> str:
     for prefix in _MODEL_PREFIXES:
         if token.startswith(prefix):
             key, sep, value = token[len(prefix) :].partition("=")
-            if key in FLAT_OPTIONS and key not in OPTION_GROUPS:
+            if key in FLAT_OPTIONS:
                 new = f"--model.{FLAT_OPTIONS[key]}.{key}"
                 _deprecated(prefix + key, new)
                 return new + sep + value

@@ -172,7 +172,8 @@ class GuidedFlowCLI(LightningCLI):
         given = command_line_model_options(self.command_line)
         options = (self.config[subcommand]["model"].get("init_args") or {}).get("model") or {}
         overrides = {name: options.get(name) for name in TEST_TIME_OPTIONS if name in given}
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        # mmap: only the hyper-parameters are read, not the weights
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
         hparams = GuidedFlowStage.upgrade_checkpoint(checkpoint).get("hyper_parameters") or {}
         hparams.pop("_instantiator", None)
         if not hparams:

@@ -29,7 +29,6 @@ has difficulty flags).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from guided_flow.evaluation.metrics import (
     KeypointRecords,
     keypoint_hits,
 )
-from guided_flow.io.atomic import atomic_open
+from guided_flow.io.atomic import write_json, write_jsonl
 from guided_flow.model.geometry import rescale_points, resize_scale, transfer_keypoints
 
 PCK_BOUNDS = ("trg_bbox", "src_bbox", "trg_img", "src_img", "trg_kps", "trg_kps_padded")
@@ -326,12 +325,10 @@ class KeypointEvaluator(nn.Module):
                 return metrics
         rows = self.pair_rows(records, pair_names)
         results_dir = os.fspath(results_dir)
-        with atomic_open(os.path.join(results_dir, "predictions.jsonl")) as handle:
-            handle.write("".join(json.dumps(row) + "\n" for row in rows).encode())
+        write_jsonl(os.path.join(results_dir, "predictions.jsonl"), rows)
         run = {**self.settings(), "pairs": metrics["pairs"], **(run_info or {})}
-        for name, content in (("metrics.json", metrics), ("run.json", run)):
-            with atomic_open(os.path.join(results_dir, name)) as handle:
-                handle.write((json.dumps(content, indent=2, default=str) + "\n").encode())
+        write_json(os.path.join(results_dir, "metrics.json"), metrics)
+        write_json(os.path.join(results_dir, "run.json"), run)
         return metrics
 
 

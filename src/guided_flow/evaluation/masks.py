@@ -25,7 +25,6 @@ pair's ``index``, sorted and averaged in float64, so they do not depend on the p
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -42,7 +41,7 @@ from guided_flow.evaluation.keypoints import (
     check_choice,
 )
 from guided_flow.evaluation.metrics import first_occurrences
-from guided_flow.io.atomic import atomic_open
+from guided_flow.io.atomic import write_json, write_jsonl
 from guided_flow.model.geometry import (
     cell_positions,
     rasterise_polygon,
@@ -326,11 +325,10 @@ class MaskTransferEvaluator(nn.Module):
                 "iou": iou,
                 "loc_err": _finite_or_none(loc_err),
             }
-            lines.append(json.dumps(line) + "\n")
-        with atomic_open(os.path.join(os.fspath(results_dir), "predictions.jsonl")) as handle:
-            handle.write("".join(lines).encode())
+            lines.append(line)
+        results_dir = os.fspath(results_dir)
+        write_jsonl(os.path.join(results_dir, "predictions.jsonl"), lines)
         run = {**self.settings(), "pairs": metrics["pairs"], **(run_info or {})}
-        for name, content in (("metrics.json", metrics), ("run.json", run)):
-            with atomic_open(os.path.join(os.fspath(results_dir), name)) as handle:
-                handle.write((json.dumps(content, indent=2, default=str) + "\n").encode())
+        write_json(os.path.join(results_dir, "metrics.json"), metrics)
+        write_json(os.path.join(results_dir, "run.json"), run)
         return metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,6 +31,12 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
 
 def write_json(path: str | os.PathLike, content: Mapping[str, Any]) -> None:
-    """Write ``content`` as indented JSON, atomically."""
+    """Write ``content`` as indented JSON, atomically (values JSON lacks, as their ``str``)."""
     with atomic_open(path) as handle:
-        handle.write((json.dumps(content, indent=2) + "\n").encode())
+        handle.write((json.dumps(content, indent=2, default=str) + "\n").encode())
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write one JSON object per line, atomically."""
+    with atomic_open(path) as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in rows).encode())

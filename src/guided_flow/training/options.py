@@ -113,7 +113,7 @@ def upgrade_stage_options(options: Mapping[str, Any]) -> dict[str, Any]:
     moved into its group; options already grouped are kept, and win."""
     upgraded: dict[str, Any] = {}
     for name, value in options.items():
-        if name in FLAT_OPTIONS and name not in OPTION_GROUPS:
+        if name in FLAT_OPTIONS:
             upgraded.setdefault(FLAT_OPTIONS[name], {}).setdefault(name, value)
         elif name in OPTION_GROUPS and isinstance(value, Mapping):
             upgraded.setdefault(name, {}).update(value)

@@ -177,14 +177,17 @@ class GuidedFlowStage(EvaluationSteps):
         map_location: str | torch.device | None = None,
         **kwargs: Any,
     ) -> Self:
-        """Lightning's loader, for checkpoints of this release and of 0.1 alike."""
-        checkpoint = torch.load(
-            checkpoint_path, map_location=map_location or "cpu", weights_only=True
-        )
+        """Lightning's loader, for checkpoints of this release and of 0.1 alike (a 0.1
+        checkpoint is upgraded in memory; a current one is read from its file as it is)."""
+        # mmap: only the hyper-parameters are read here, not the weights
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        saved = checkpoint.get("hyper_parameters")
+        if cls.upgrade_checkpoint(checkpoint).get("hyper_parameters") == saved:
+            return super().load_from_checkpoint(os.fspath(checkpoint_path), map_location, **kwargs)
         buffer = io.BytesIO()
-        torch.save(cls.upgrade_checkpoint(checkpoint), buffer)
+        torch.save(checkpoint, buffer)
         buffer.seek(0)
-        return super().load_from_checkpoint(buffer, map_location=map_location, **kwargs)
+        return super().load_from_checkpoint(buffer, map_location, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Name the stage class in the saved hyper-parameters (as the CLI does), so that
