@@ -331,12 +331,16 @@ def test_guided_flow_test_on_spair_writes_the_tables(tmp_path, capsys):
     assert metrics["pairs"] == len(mixed_records())
     assert {"pck@0.01", "pck@0.05", "pck@0.1", "per_category", "per_difficulty"} <= set(metrics)
     predictors = metrics["predictors"]
-    assert list(predictors) == ["identity", "argmax", "guidance", "gsf", "gsf_untrained"]
+    assert list(predictors) == [
+        "identity", "argmax", "guidance", "gsf", "gsf_untrained", "gsf_no_matching",
+        "gsf_no_pruning",
+    ]  # fmt: skip
     keys = {"pairs", "pck@0.01", "pck@0.05", "pck@0.1"}
     assert all(set(row) == keys for row in predictors.values())
     assert all(predictors["gsf"][key] == metrics[key] for key in keys)
     # an untrained checkpoint: tau is G', and the freshly built untrained model agrees
     assert predictors["gsf_untrained"] == predictors["guidance"] == predictors["gsf"]
+    assert predictors["gsf_no_matching"] == predictors["gsf"]  # M outputs 0 before training
     zero_flow = evaluate(
         data_module(root, cache_dir=str(tmp_path / "cache64")),
         lambda b: torch.zeros(len(b["index"]), 2, INPUT, INPUT),

@@ -60,10 +60,12 @@ TOOL_COMMANDS = {
     "sweep": "guided_flow.cli.sweep",
     "export": "guided_flow.cli.export",
 }
-# Model options (``--model.model.*``) that change only G', C' and the flow base (no weight depends
-# on them): given on the command line, they override a checkpoint's values.
+# Model options (``--model.model.*``) that change only G', C', the flow base and which networks
+# are used (no weight depends on them): given on the command line, they override a checkpoint's
+# values.
 TEST_TIME_OPTIONS = (
     "rho", "c_p", "c_m", "window_n", "guidance_model", "flow_base", "soft_argmax_beta",
+    "use_pruning_net", "use_matching_net",
 )  # fmt: skip
 # Output options that ``--run_dir`` rebases (dotted paths in a subcommand's config), besides the
 # loggers' ``save_dir`` and the callbacks' ``dirpath``.

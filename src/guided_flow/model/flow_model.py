@@ -112,6 +112,8 @@ class ModelConfig:
     ``input_size`` is the square network input in pixels, a multiple of the stride (16). The rest
     are METHOD.md's: rho (section 4), c_P and N (section 5), c_M (section 7), the guidance model
     and the flow base (section 8 and the proposed soft-argmax base, with its sharpness beta).
+    ``use_pruning_net`` and ``use_matching_net`` are ablation switches: off, Q' = Q and tau = the
+    flow base alone (G' or S); the networks' weights are kept, only their use is switched.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -126,6 +128,8 @@ class ModelConfig:
     guidance_model: str = "translation"
     flow_base: str = "guidance"
     soft_argmax_beta: float = 50.0
+    use_pruning_net: bool = True
+    use_matching_net: bool = True
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -174,6 +178,8 @@ class GuidedFlowModel(nn.Module):
         guidance_model: str = "translation",
         flow_base: str = "guidance",
         soft_argmax_beta: float = 50.0,
+        use_pruning_net: bool = True,
+        use_matching_net: bool = True,
     ) -> None:
         super().__init__()
         check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model, flow_base, soft_argmax_beta)
@@ -182,6 +188,7 @@ class GuidedFlowModel(nn.Module):
         self.rho, self.c_p, self.c_m = rho, c_p, c_m
         self.window_n, self.guidance_model = window_n, guidance_model
         self.flow_base, self.soft_argmax_beta = flow_base, soft_argmax_beta
+        self.use_pruning_net, self.use_matching_net = use_pruning_net, use_matching_net
         cells = self.grid[0] * self.grid[1]
         self.pruning_net = PruningNet(cells)
         self.matching_net = MatchingNet(cells)
@@ -212,6 +219,8 @@ class GuidedFlowModel(nn.Module):
             config.guidance_model,
             config.flow_base,
             config.soft_argmax_beta,
+            config.use_pruning_net,
+            config.use_matching_net,
         )
 
     @property
@@ -239,9 +248,20 @@ class GuidedFlowModel(nn.Module):
         return self.forward_features(source_features, target_features, refine)
 
     def forward_features(
-        self, source_features: torch.Tensor, target_features: torch.Tensor, refine: bool = True
+        self,
+        source_features: torch.Tensor,
+        target_features: torch.Tensor,
+        refine: bool = True,
+        use_pruning_net: bool | None = None,
+        use_matching_net: bool | None = None,
     ) -> FlowOutput:
-        """L2-normalised features ``B x D x h x w`` of both images -> FlowOutput."""
+        """L2-normalised features ``B x D x h x w`` of both images -> FlowOutput.
+        ``use_pruning_net`` / ``use_matching_net`` (``None``: the model's own switches) ablate a
+        network for this pass: Q' = Q, or tau = the flow base alone."""
+        if use_pruning_net is None:
+            use_pruning_net = self.use_pruning_net
+        if use_matching_net is None:
+            use_matching_net = self.use_matching_net
         if tuple(source_features.shape[-2:]) != self.grid:
             raise ConfigError(
                 f"feature grid {tuple(source_features.shape[-2:])} does not match the model's "
@@ -249,20 +269,18 @@ class GuidedFlowModel(nn.Module):
             )
         volume = volumes.correlation(source_features, target_features)
         confidence = volumes.soft_mutual_confidence(volume)
-        refined = confidence * self.pruning_net(confidence)
+        refined = confidence * self.pruning_net(confidence) if use_pruning_net else confidence
         sparse, weight = volumes.sparse_guidance(refined, self.rho)
         guidance = volumes.interpolate_guidance(
             sparse, weight, self.c_p, self.window_n, self.guidance_model
         )
         flow = guidance
         if refine:
-            guided_volume = volumes.guided_correlation(volume, guidance, self.c_m)
-            base = guidance
             if self.flow_base == "soft_argmax":
-                base = volumes.guided_soft_argmax(
-                    volume, guidance, self.c_m, self.soft_argmax_beta
-                )
-            flow = base + self.matching_net(guided_volume)
+                flow = volumes.guided_soft_argmax(volume, guidance, self.c_m, self.soft_argmax_beta)
+            if use_matching_net:
+                guided_volume = volumes.guided_correlation(volume, guidance, self.c_m)
+                flow = flow + self.matching_net(guided_volume)
         return FlowOutput(
             flow=flow,
             guidance=guidance,

@@ -119,3 +119,46 @@ def smoothness_loss(
     keep_x = source_mask[..., :, 1:] & source_mask[..., :, :-1]
     keep_y = source_mask[..., 1:, :] & source_mask[..., :-1, :]
     return (_masked_mean(dx, keep_x) + _masked_mean(dy, keep_y)) / 2
+
+
+def compose_flows(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The flow of following ``first`` (a -> b, on a's grid) and then ``second`` (b -> c, on b's
+    grid): first(p) + second(p + first(p)), ``B x 2 x h x w`` cells, ``second`` read bilinearly
+    (zero outside the grid; see :func:`inside_grid`)."""
+    return first + warp_by_flow(second, first)
+
+
+def inside_grid(flow: torch.Tensor) -> torch.Tensor:
+    """``B x 1 x h x w`` bool: where p + flow(p) (cells) lies on the ``h x w`` grid."""
+    _, _, h, w = flow.shape
+    x = torch.arange(w, device=flow.device, dtype=flow.dtype).view(1, 1, w) + flow[:, 0]
+    y = torch.arange(h, device=flow.device, dtype=flow.dtype).view(1, h, 1) + flow[:, 1]
+    return ((x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)).unsqueeze(1)
+
+
+def warp_consistency_loss(
+    self_flow: torch.Tensor,
+    cross_flow: torch.Tensor,
+    back_flow: torch.Tensor,
+    warp: torch.Tensor,
+    valid: torch.Tensor,
+    visibility: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp consistency (proposed formulation, after Truong et al., ICCV 2021; not one of the
+    paper's losses). A real pair (I_s, I_t) and I_s' = I_s warped by a known W (s' -> s):
+
+    - self term: mean over valid cells of ||F(s' -> s) - W||_2;
+    - composed term: mean of ||F(s' -> t) then F(t -> s) - W||_2 (:func:`compose_flows`) over the
+      cells that are valid, whose match in t lies on the grid and whose composed error is below
+      ``visibility`` cells (a detached mask: regions of s' with no counterpart in the other
+      object, background or occlusion, cannot be composed back and must not pull the flow).
+
+    Flows ``B x 2 x h x w`` in cells: ``self_flow`` and ``cross_flow`` on the grid of s',
+    ``back_flow`` on t's; ``warp`` = W at the cells of s'; ``valid`` ``B x 1 x h x w`` bool, where
+    W lands inside I_s. Returns the two terms (end-point errors in cells, 0 when empty).
+    """
+    self_error = (self_flow - warp).norm(dim=1, keepdim=True)
+    composed = compose_flows(cross_flow, back_flow)
+    cross_error = (composed - warp).norm(dim=1, keepdim=True)
+    visible = valid & inside_grid(cross_flow) & (cross_error.detach() < visibility)
+    return _masked_mean(self_error, valid), _masked_mean(cross_error, visible)

@@ -24,16 +24,11 @@ from guided_flow.evaluation.masks import MaskTransferEvaluator
 from guided_flow.evaluation.metrics import DEFAULT_ALPHAS, DenseFlowMetric, KeypointRecords
 from guided_flow.io.atomic import write_json
 from guided_flow.model.flow_model import FlowOutput, GuidedFlowModel, ModelConfig
-from guided_flow.model.geometry import flow_cells_to_pixels
-from guided_flow.model.volumes import argmax_flow
+from guided_flow.training.predictors import COMPARED, PREDICTORS, predictor_flows
 from guided_flow.viz.drawing import save_png
 from guided_flow.viz.panels import pair_panel
 from guided_flow.viz.results_recorder import DENSE_ALPHA, ResultsPageRecorder, log_pairs_table
 
-# The predictors reported at test time: the method's stages from nothing to tau, and tau of the
-# untrained model (with ``compare_untrained``).
-PREDICTORS = ("identity", "argmax", "guidance", "gsf")
-UNTRAINED = "gsf_untrained"
 # How a data module's pairs can be scored (its declared `evaluation`; "none" cannot be).
 SCORED_EVALUATIONS = tuple(kind for kind in EVALUATIONS if kind != "none")
 
@@ -87,7 +82,7 @@ class EvaluationSteps(pl.LightningModule):
         super().__init__()
         self.evaluation = EvaluationOptions()
         self.dense_metrics = torch.nn.ModuleDict(
-            {name: DenseFlowMetric() for name in (*PREDICTORS, UNTRAINED)}
+            {name: DenseFlowMetric() for name in (*PREDICTORS, *COMPARED)}
         )
         self.keypoint_evaluator: KeypointEvaluator | None = None
         # the other predictors' keypoint scores; gsf's are keypoint_evaluator's
@@ -125,19 +120,9 @@ class EvaluationSteps(pl.LightningModule):
 
     def predictor_flows(self, batch: Mapping, out: FlowOutput) -> dict[str, torch.Tensor]:
         """``B x 2 x H x W`` input-pixel flows of each predictor of :data:`PREDICTORS`, and of
-        :data:`UNTRAINED` when ``compare_untrained`` is on."""
-        size = tuple(batch["source_image"].shape[-2:])
-        flow = out.flow_pixels(size)
-        flows = {
-            "identity": torch.zeros_like(flow),
-            "argmax": flow_cells_to_pixels(argmax_flow(out.correlation), size),
-            "guidance": out.guidance_pixels(size),
-            "gsf": flow,
-        }
-        if self._untrained:
-            untrained = self._untrained[0](batch["source_image"], batch["target_image"])
-            flows[UNTRAINED] = untrained.flow_pixels(size)
-        return flows
+        :data:`COMPARED` when ``compare_untrained`` is on (:func:`predictor_flows`)."""
+        untrained = self._untrained[0] if self._untrained else None
+        return predictor_flows(self.model, batch, out, untrained, compare=untrained is not None)
 
     def _evaluate(self, batch: Mapping) -> FlowOutput:
         out = self(batch["source_image"], batch["target_image"])
@@ -375,7 +360,7 @@ class EvaluationSteps(pl.LightningModule):
         summaries.update(
             {name: self.predictor_evaluator(name).compute() for name in self.predictor_evaluators}
         )
-        ordered = [name for name in (*PREDICTORS, UNTRAINED) if name in summaries]
+        ordered = [name for name in (*PREDICTORS, *COMPARED) if name in summaries]
         return {
             name: {
                 key: value

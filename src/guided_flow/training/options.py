@@ -45,7 +45,10 @@ class LossConfig:
     L_M's softmax runs over a ``window_m`` x ``window_m`` window at ``temperature``.
     ``geo_weighting``: ``"uniform"`` (METHOD.md's plain mean) or ``"confidence"`` (proposed:
     cells weighted by Q'). ``match_features``: the features L_M compares, ``"all"`` of them or
-    the ``"finest"`` layer of a hypercolumn (proposed; README, decisions).
+    the ``"finest"`` layer of a hypercolumn (proposed; README, decisions). ``lambda_wc_self`` and
+    ``lambda_wc_cross`` weigh stage 2's warp-consistency terms (proposed, beyond the paper; 0: the
+    paper's losses alone), whose composed term ignores cells whose error exceeds
+    ``wc_visibility`` cells (:mod:`~guided_flow.training.warp_consistency`).
     """
 
     window_m: int = 5
@@ -55,6 +58,9 @@ class LossConfig:
     lambda_sm: float = 0.1
     temperature: float = 1.0
     match_features: str = "finest"
+    lambda_wc_self: float = 0.0
+    lambda_wc_cross: float = 0.0
+    wc_visibility: float = 2.0
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -67,6 +73,14 @@ class LossConfig:
         _check_choice("geo_weighting", self.geo_weighting, GEO_WEIGHTINGS)
         _check_choice("match_features", self.match_features, MATCH_FEATURES)
         _check_non_negative(self, ("lambda_geo", "lambda_m", "lambda_sm"))
+        _check_non_negative(self, ("lambda_wc_self", "lambda_wc_cross"))
+        if not self.wc_visibility > 0:
+            raise ConfigError(f"wc_visibility={self.wc_visibility} is invalid: it must be positive")
+
+    @property
+    def warp_consistency(self) -> bool:
+        """Whether stage 2 computes the warp-consistency terms."""
+        return self.lambda_wc_self > 0 or self.lambda_wc_cross > 0
 
 
 @dataclass(frozen=True)

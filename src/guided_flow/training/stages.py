@@ -37,6 +37,7 @@ from guided_flow.training.options import (
     upgrade_class_path,
     upgrade_stage_options,
 )
+from guided_flow.training.warp_consistency import warp_consistency_terms
 
 Group = TypeVar("Group", ModelConfig, LossConfig, OptimConfig)
 
@@ -110,7 +111,9 @@ class GuidedFlowStage(EvaluationSteps):
     ``init_checkpoint``: the checkpoint whose weights a fit starts from. ``on_nonfinite``:
     ``"stop"`` or ``"skip"`` a step whose loss is not finite. ``compare_untrained``: at test time
     also score tau of the untrained model (fresh networks and backbone: tau = G' of
-    Q' = sigmoid(10) Q, or S with ``flow_base="soft_argmax"``) as ``gsf_untrained``.
+    Q' = sigmoid(10) Q, or S with ``flow_base="soft_argmax"``) as ``gsf_untrained``, and tau
+    with each network switched off as ``gsf_no_matching`` (tau = the flow base) and
+    ``gsf_no_pruning`` (Q' = Q).
     Checkpoints of guided-flow 0.1 (flat options) load (:meth:`upgrade_checkpoint`).
     """
 
@@ -282,6 +285,12 @@ class GuidedFlowStage(EvaluationSteps):
             )
             stride = self.input_size[1] / self.model.grid[1]
             terms["smooth"] = losses.smoothness_loss(out.flow, source_mask, stride)
+            if loss.warp_consistency:
+                terms.update(
+                    warp_consistency_terms(
+                        self.model, batch["source_image"], out, self.global_step, loss.wc_visibility
+                    )
+                )
         return terms
 
     def match_features(self, out: FlowOutput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,6 +309,9 @@ class GuidedFlowStage(EvaluationSteps):
         total = terms["sil"] + loss.lambda_geo * terms["geo"]
         if self.stage == 2:
             total = total + loss.lambda_m * terms["match"] + loss.lambda_sm * terms["smooth"]
+        if "wc_self" in terms:
+            total = total + loss.lambda_wc_self * terms["wc_self"]
+            total = total + loss.lambda_wc_cross * terms["wc_cross"]
         return total
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor | None:

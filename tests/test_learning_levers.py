@@ -1,0 +1,167 @@
+"""What the learning levers do: the ablation switches, the warp-consistency objective and the
+held-out folds that never train on an evaluated class."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from data_modules.heldout import make_fold
+from guided_flow.cli.main import main
+from guided_flow.errors import DataError
+from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.losses import compose_flows, inside_grid, warp_consistency_loss
+from guided_flow.training.stages import MatchingStage
+from tests.helpers import save_stage_checkpoint, shifted_pair
+
+GRID = 6
+
+
+def trained_looking_model(flow_base: str = "soft_argmax") -> GuidedFlowModel:
+    """A features-only model whose networks are no longer at their initialisation: the pruning
+    net passes 0.73 of Q (so no match stays above rho) and the matching net adds (0.3, -0.2)."""
+    model = GuidedFlowModel(None, (GRID, GRID), rho=0.85, flow_base=flow_base).eval()
+    with torch.no_grad():
+        model.pruning_net.body.conv8.bias.fill_(1.0)  # sigmoid(1) = 0.73
+        model.matching_net.body.conv8.bias.copy_(torch.tensor([0.3, -0.2]))
+    return model
+
+
+@pytest.mark.parametrize("flow_base", ["guidance", "soft_argmax"])
+def test_each_switch_changes_the_flow(flow_base):
+    source, target = shifted_pair(2, 16, GRID, GRID, (1, 0))
+    model = trained_looking_model(flow_base)
+    full = model.forward_features(source, target)
+    no_matching = model.forward_features(source, target, use_matching_net=False)
+    no_pruning = model.forward_features(source, target, use_pruning_net=False)
+    # matching net off: tau is the flow base alone, 0.3 / -0.2 cells from the full model's
+    assert torch.allclose(full.flow - no_matching.flow, torch.tensor([0.3, -0.2]).view(1, 2, 1, 1))
+    if flow_base == "guidance":
+        assert torch.equal(no_matching.flow, no_matching.guidance)
+    # pruning net off: Q' = Q, and the confident set (so G') changes
+    assert torch.equal(no_pruning.refined_confidence, no_pruning.confidence)
+    assert not torch.equal(full.refined_confidence, full.confidence)
+    assert full.confident_density.max() == 0 < no_pruning.confident_density.min()
+    assert not torch.allclose(no_pruning.guidance, full.guidance)
+    # the model's own switches do the same
+    model.use_matching_net = False
+    assert torch.equal(model.forward_features(source, target).flow, no_matching.flow)
+
+
+@pytest.mark.slow
+def test_guided_flow_test_applies_and_records_the_switches(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        stage = MatchingStage.from_options(input_size=160, flow_base="soft_argmax")
+    with torch.no_grad():
+        stage.model.matching_net.body.conv8.bias.copy_(torch.tensor([1.5, -1.0]))
+    checkpoint = save_stage_checkpoint(stage, tmp_path / "model.ckpt")
+    args = [
+        "test",
+        "--config=experiments/demo_stage2.yaml",
+        f"--ckpt_path={checkpoint}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.test_pairs=2",
+        "--data.batch_size=2",
+        "--trainer.logger=false",
+    ]
+    scores = {}
+    for switch in (None, "use_matching_net", "use_pruning_net"):
+        results = tmp_path / str(switch)
+        extra = [f"--model.model.{switch}=false"] if switch else []
+        assert main([*args, f"--results_dir={results}", *extra]) == 0
+        run = json.loads((results / "run.json").read_text())
+        assert run["test_time_overrides"] == ({switch: False} if switch else {})
+        assert run["checkpoint_hparams"]["model"].get(switch, False) is False
+        scores[switch] = json.loads((results / "metrics.json").read_text())["gsf"]["epe_px"]
+    # the matching net's residual of 1.5 / -1 cells is gone with it switched off
+    assert scores["use_matching_net"] != scores[None]
+    assert scores["use_pruning_net"] > 0
+
+
+def test_warp_consistency_is_zero_for_exact_flows_and_positive_otherwise():
+    generator = torch.Generator().manual_seed(0)
+    # W (s' -> s): a smooth non-constant field; F(t -> s) a constant a; F(s' -> t) = W - a, so
+    # following F(s' -> t) then F(t -> s) gives W exactly wherever the match in t is on the grid
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    warp = torch.stack((0.1 * xs - 0.2 * ys + 0.5, 0.05 * ys + 0.1 * xs - 0.3)).unsqueeze(0)
+    back = torch.tensor([0.7, -0.4]).view(1, 2, 1, 1).expand(1, 2, 8, 8).clone()
+    cross = warp - back
+    valid = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    inside = inside_grid(cross).expand(1, 2, 8, 8)
+    assert inside.sum() > 60
+    assert torch.allclose(compose_flows(cross, back)[inside], warp[inside], atol=1e-6)
+    self_term, cross_term = warp_consistency_loss(warp, cross, back, warp, valid)
+    assert self_term.item() == 0.0 and cross_term.item() < 1e-6
+    noise = 0.3 * torch.randn(1, 2, 8, 8, generator=generator)
+    self_term, cross_term = warp_consistency_loss(warp + noise, cross + noise, back, warp, valid)
+    assert self_term.item() > 0.1 and cross_term.item() > 0.1
+    # a composed error beyond the visibility bound is not counted (no counterpart in t)
+    far = cross.clone()
+    far[..., 3, 3] += torch.tensor([0.0, 3.0])
+    _, masked = warp_consistency_loss(warp, far, back, warp, valid, visibility=2.0)
+    assert masked.item() < 1e-6
+
+
+def test_warp_consistency_trains_the_matching_net():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        stage = MatchingStage.from_options(
+            weights="none", input_size=64, flow_base="soft_argmax", lambda_wc_self=1.0,
+            lambda_wc_cross=0.5,
+        )  # fmt: skip
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    batch = {"source_image": images, "target_image": images.flip(-1)}
+    out = stage.model(batch["source_image"], batch["target_image"])
+    terms = stage.loss_terms(out, batch)
+    assert {"wc_self", "wc_cross"} <= set(terms)
+    assert all(torch.isfinite(value) for value in terms.values())
+    assert terms["wc_self"] > 0
+    stage.total_loss(terms).backward()
+    assert stage.model.matching_net.body.conv8.weight.grad.abs().sum() > 0
+    # without the weights the terms are not computed: the paper's losses alone
+    plain = MatchingStage.from_options(weights="none", input_size=64)
+    assert "wc_self" not in plain.loss_terms(plain.model(images, images), batch)
+
+
+def write_layout(root, images: dict[str, dict[str, bytes]]) -> None:
+    """A PF-WILLOW layout: ``images[class][name] = bytes``, and the ordered pairs within each
+    class in the 42-column list (keypoints arbitrary)."""
+    rows = ["imageA,imageB," + ",".join(f"k{i}" for i in range(40))]
+    for name, files in images.items():
+        folder = root / "PF-dataset" / name
+        folder.mkdir(parents=True)
+        for file, content in files.items():
+            (folder / file).write_bytes(content)
+        for a in files:
+            for b in files:
+                if a != b:
+                    coords = ",".join(str(10 + i) for i in range(40))
+                    rows.append(f"PF-dataset/{name}/{a},PF-dataset/{name}/{b},{coords}")
+    (root / "test_pairs.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_a_fold_never_trains_on_an_image_of_an_evaluated_class(tmp_path):
+    root = tmp_path / "willow"
+    write_layout(
+        root,
+        {
+            "car(G)": {"a.png": b"car a", "b.png": b"car b", "c.png": b"car c"},
+            # b.png under another name (same photograph), c.png's name with other bytes
+            "car(M)": {"copy_of_b.png": b"car b", "c.png": b"other c", "d.png": b"car d"},
+            "duck(S)": {"x.png": b"duck x", "y.png": b"duck y"},
+        },
+    )
+    fold = make_fold(root, ("car(G)",), tmp_path / "fold")
+    assert fold.train_images == ("car(M)/d.png", "duck(S)/x.png", "duck(S)/y.png")
+    evaluated = {(root / "PF-dataset" / name).read_bytes() for name in fold.test_images}
+    trained = [p for p in fold.train_root.rglob("*") if p.is_file()]
+    assert len(trained) == 3 and not {p.read_bytes() for p in trained} & evaluated
+    pairs = (fold.test_root / "test_pairs.csv").read_text().splitlines()[1:]
+    assert fold.test_pairs == len(pairs) == 6
+    assert all(row.count("PF-dataset/car(G)/") == 2 for row in pairs)
+    with pytest.raises(DataError, match="no class 'bike'"):
+        make_fold(root, ("bike",), tmp_path / "other")
