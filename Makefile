@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install browser test lint typecheck demo clean
+.PHONY: install browser test lint typecheck docs demo clean
 
 install: $(VENV)/.installed browser
 
@@ -30,6 +30,10 @@ lint: install
 # Static types of the package (configured in pyproject.toml, [tool.mypy]).
 typecheck: install
 	$(VENV)/bin/mypy src/guided_flow
+
+# The generated command reference, docs/cli.md (tests/test_reference.py compares it with the CLI).
+docs: install
+	$(PY) -m tools.command_reference
 
 GF := $(VENV)/bin/guided-flow
 DEMO := outputs/demo

@@ -1,4 +1,4 @@
-"""The README's command reference is the CLI's own: regenerated, it must not change."""
+"""The command reference, docs/cli.md, is the CLI's own: regenerated, it must not change."""
 
 from pathlib import Path
 
@@ -10,11 +10,21 @@ from tools import command_reference as reference
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_reference_matches_the_cli():
-    readme = (ROOT / "README.md").read_text()
-    assert reference.readme_section(readme) == reference.render(), (
-        "README.md's command reference is stale: run `python -m tools.command_reference`"
+def test_the_command_reference_matches_the_cli():
+    written = (ROOT / reference.OUTPUT).read_text(encoding="utf-8")
+    assert written == reference.document(), (
+        "docs/cli.md is stale: run `make docs` (python -m tools.command_reference)"
     )
+
+
+def test_the_reference_command_writes_and_checks_the_file(tmp_path):
+    out = tmp_path / "cli.md"
+    assert reference.main(["--check", "--out", str(out)]) == 1  # missing
+    assert reference.main(["--out", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == reference.document()
+    assert reference.main(["--check", "--out", str(out)]) == 0
+    out.write_text(reference.document().replace("--results_dir", "--result_dir"), encoding="utf-8")
+    assert reference.main(["--check", "--out", str(out)]) == 1  # stale
 
 
 @pytest.mark.parametrize("option", PROJECT_OPTIONS, ids=[o.name for o in PROJECT_OPTIONS])
