@@ -160,6 +160,9 @@ def test_the_default_is_the_untrained_method_at_320_pixels():
     assert matcher.input_size == (320, 320) and matcher.checkpoint is None
     assert matcher.model.backbone.name == "efficientnet_lite0"
     assert not matcher.model.training
+    # the best weight-free setting on held-out real pairs: the guided soft-argmax base
+    assert (matcher.model.flow_base, matcher.model.soft_argmax_beta) == ("soft_argmax", 50.0)
+    assert GuidedSemanticFlow.untrained(flow_base="guidance").model.flow_base == "guidance"
 
 
 def test_a_checkpoint_brings_its_trained_networks(tmp_path):

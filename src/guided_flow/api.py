@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,6 +146,19 @@ def warp_source(source: np.ndarray, flow_t2s: np.ndarray) -> np.ndarray:
     return warped.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+# The weight-free method with no checkpoint: the flow base that scored best on held-out real
+# pairs (docs/learning.md: the guided soft-argmax S beats G' and the argmax of C on every fold).
+WEIGHT_FREE_FLOW_BASE = "soft_argmax"
+WEIGHT_FREE_BETA = 50.0
+
+
+def weight_free_config(**options: Any) -> ModelConfig:
+    """The options of the weight-free method (:data:`WEIGHT_FREE_FLOW_BASE` at
+    :data:`WEIGHT_FREE_BETA`), with ``options`` of :class:`ModelConfig` over them."""
+    defaults = {"flow_base": WEIGHT_FREE_FLOW_BASE, "soft_argmax_beta": WEIGHT_FREE_BETA}
+    return ModelConfig(**{**defaults, **options})
+
+
 class GuidedSemanticFlow:
     """Dense semantic flow between two pictures of any size.
 
@@ -157,7 +171,7 @@ class GuidedSemanticFlow:
         self, model: GuidedFlowModel | None = None, device: str | torch.device = "cpu"
     ) -> None:
         if model is None:
-            model = GuidedFlowModel.from_config(ModelConfig())
+            model = GuidedFlowModel.from_config(weight_free_config())
         if model.backbone is None:
             raise ValueError("GuidedSemanticFlow needs a model with a backbone")
         self.model = model.eval().to(device)
@@ -171,13 +185,16 @@ class GuidedSemanticFlow:
         backbone: str = "efficientnet_lite0",
         input_size: int = 320,
         device: str | torch.device = "cpu",
+        flow_base: str = WEIGHT_FREE_FLOW_BASE,
     ) -> GuidedSemanticFlow:
         """The method before training: ImageNet features of ``backbone`` (embedded for
         efficientnet_lite0, downloaded by torchvision for the others), the pruning net passing
-        Q through (Q' = 0.99995 Q) and a zero matching residual, so the flow tau is the
-        interpolated guidance G'. ``input_size``: pixels of the square network input, a
-        multiple of 16."""
-        return cls.from_config(ModelConfig(backbone=backbone, input_size=input_size), device)
+        Q through (Q' = 0.99995 Q) and a zero matching residual, so the flow tau is the flow
+        base: by default the guided soft-argmax S (the best weight-free setting on held-out
+        real pairs), or the interpolated guidance G' with ``flow_base="guidance"``.
+        ``input_size``: pixels of the square network input, a multiple of 16."""
+        config = weight_free_config(backbone=backbone, input_size=input_size, flow_base=flow_base)
+        return cls.from_config(config, device)
 
     @classmethod
     def from_config(

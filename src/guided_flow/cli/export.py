@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--untrained",
         action="store_true",
-        help="export the untrained method (ImageNet backbone, tau = G')",
+        help="export the untrained method (ImageNet backbone, tau = S, the guided soft-argmax)",
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="file format")
     parser.add_argument("--out", required=True, help="the file to write")

@@ -100,7 +100,7 @@ PROJECT_OPTIONS = (
     ),
     ProjectOption(
         "pck_protocol",
-        "a preset of bound and resolution named after the tables that use it (README)",
+        "a preset of bound and resolution named after the tables that use it (docs/evaluation.md)",
         None,
         tuple(PCK_PROTOCOLS),
     ),

@@ -34,7 +34,8 @@ from guided_flow.viz.match_page import write_match_page
 
 UNTRAINED_NOTE = (
     "note: no --ckpt given: running the untrained method on the embedded ImageNet "
-    "EfficientNet-Lite0 backbone (tau = G' at initialisation); pass a trained checkpoint with "
+    "EfficientNet-Lite0 backbone (tau = S, the guided soft-argmax, no learned weights); pass a "
+    "trained checkpoint with "
     "--ckpt for the trained networks"
 )
 

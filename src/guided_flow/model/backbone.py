@@ -116,7 +116,7 @@ def _vgg_trunk(name: str, depth: int | None) -> _Trunk:
 
 
 # Lite0's layers chosen by nearest-neighbour PCK@0.1 on real pairs of different instances
-# (README, decisions): the last stride-16 block with two stride-32 blocks.
+# (docs/decisions.md): the last stride-16 block with two stride-32 blocks.
 LITE0_LAYERS = (10, 12, 14)
 
 

@@ -85,7 +85,7 @@ def matching_loss(
     re-normalised to unit length (proposed formulation): a bilinear blend of two unit vectors is
     shorter than either, so without re-normalisation the score is linear in the blend and always
     peaks at a cell centre, and the loss prefers the integer nearest-neighbour flow to the true
-    sub-cell one; with it the score is a cosine, which can peak between cells (README, decisions).
+    sub-cell one; with it the score is a cosine, which can peak between cells (docs/decisions.md).
     The window M_i (``window x window``) is centred at i, its centre is the positive, the rest
     negatives. Window positions outside the grid are left out of the softmax.
     """
@@ -109,7 +109,7 @@ def smoothness_loss(
     (mean_x ||tau(x+1, y) - tau(x, y)||_1 + mean_y ||tau(x, y+1) - tau(x, y)||_1) / 2, where
     ||.||_1 sums the two flow components, with tau (``B x 2 x h x w`` cells) measured in pixels
     (``pixels_per_cell``, the backbone stride; the unit is a proposed formulation: with the
-    authors' weight 0.1 it balances L_M, see README, decisions). With a mask only pairs of
+    authors' weight 0.1 it balances L_M, see docs/decisions.md). With a mask only pairs of
     foreground cells count."""
     flow = flow * pixels_per_cell
     dx = (flow[..., :, 1:] - flow[..., :, :-1]).abs().sum(dim=1, keepdim=True)

@@ -45,7 +45,7 @@ class LossConfig:
     L_M's softmax runs over a ``window_m`` x ``window_m`` window at ``temperature``.
     ``geo_weighting``: ``"uniform"`` (METHOD.md's plain mean) or ``"confidence"`` (proposed:
     cells weighted by Q'). ``match_features``: the features L_M compares, ``"all"`` of them or
-    the ``"finest"`` layer of a hypercolumn (proposed; README, decisions). ``lambda_wc_self`` and
+    the ``"finest"`` layer of a hypercolumn (proposed; docs/decisions.md). ``lambda_wc_self`` and
     ``lambda_wc_cross`` weigh stage 2's warp-consistency terms (proposed, beyond the paper; 0: the
     paper's losses alone), whose composed term ignores cells whose error exceeds
     ``wc_visibility`` cells (:mod:`~guided_flow.training.warp_consistency`).

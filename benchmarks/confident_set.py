@@ -1,0 +1,162 @@
+"""Does stage 1 do its job? Precision of the confident set, trained against untrained pruning
+network, at equal density (a benchmark, not a test).
+
+``python benchmarks/confident_set.py [--stage1 outputs/demo/stage1.ckpt] [--willow-root DIR]
+[--cache-dir DIR] [--out JSON]``
+
+The untrained pruning network keeps Q' = sigmoid(10) Q, so its confident set is {Q > rho}; a
+trained one reorders the matches. Comparing the two at rho would mix how many matches survive
+with how good they are, so the trained set is taken at the untrained one's density: for each
+pair, the threshold on Q' that leaves as many source cells with a confident match as Q > rho
+does. Precision is the fraction of confident matches (i, j) whose target cell p_j lies within
+one cell of the true match of i:
+
+- on the held-out self-warps of ``experiments/demo.yaml`` (photographs stage 1 never saw), every
+  valid source cell, with the dense ground truth;
+- on the real pairs of ``--willow-root`` (no stage saw a real pair), the source cells holding a
+  keypoint, with the target keypoint as the truth, per class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_modules.pf_willow import PFWillowDataModule
+from data_modules.synthetic import SyntheticPairsDataModule
+from guided_flow.io.atomic import write_json
+from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.geometry import cell_positions
+from guided_flow.model.volumes import confident_mask
+from guided_flow.training.stages import PruningStage
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def matched_threshold_set(refined: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The set {Q' > t_b} (``B x J x h x w`` bool) where, per pair b, t_b leaves as many source
+    cells with a match as ``reference`` (a bool set) has."""
+    b = refined.shape[0]
+    counts = reference.any(dim=1).flatten(1).sum(dim=1)  # B
+    best = refined.amax(dim=1).flatten(1).sort(dim=1, descending=True).values  # B x I
+    index = (counts - 1).clamp(min=0)
+    thresholds = best.gather(1, index[:, None]).view(b, 1, 1, 1)
+    kept = refined >= thresholds
+    return kept & (counts > 0).view(b, 1, 1, 1)
+
+
+def correct_matches(truth: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``B x J x h x w`` bool: target cell j within one cell of the true match ``truth``
+    (``B x 2 x h x w`` positions in cells) of source cell i."""
+    h, w = grid
+    cells = cell_positions(h, w, device=truth.device, dtype=truth.dtype)  # J x 2
+    return (cells.t().reshape(1, 2, h * w, 1, 1) - truth[:, :, None]).norm(dim=1) <= 1.0
+
+
+def precision(
+    selected: torch.Tensor, correct: torch.Tensor, counted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair (``B``): confident matches over the source cells ``counted``, and the correct
+    ones among them."""
+    chosen = selected & counted
+    return chosen.flatten(1).sum(1), (chosen & correct).flatten(1).sum(1)
+
+
+def self_warp_truth(batch: dict, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The true match in cells at each cell centre, and where it is valid (self-warps)."""
+    h, w = grid
+    size = batch["flow_s2t"].shape[-2:]
+    stride = size[1] / w
+    centres = ((cell_positions(h, w) + 0.5) * stride - 0.5).round().long()  # J x 2 pixels
+    flow = batch["flow_s2t"][:, :, centres[:, 1], centres[:, 0]] / stride  # B x 2 x J
+    valid = batch["flow_valid"][:, :, centres[:, 1], centres[:, 0]]
+    match = cell_positions(h, w).t()[None] + flow
+    return match.view(-1, 2, h, w), valid.view(-1, 1, h, w)
+
+
+def keypoint_truth(batch: dict, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target keypoint in cells at the source cell of each keypoint, and those cells."""
+    h, w = grid
+    stride = batch["source_image"].shape[-1] / w
+    b = batch["source_image"].shape[0]
+    source = ((batch["source_kps"] + 0.5) / stride - 0.5).round().long().clamp(0, w - 1)
+    target = (batch["target_kps"] + 0.5) / stride - 0.5
+    truth = torch.zeros(b, 2, h, w)
+    counted = torch.zeros(b, 1, h, w, dtype=torch.bool)
+    for item in range(b):  # ten keypoints a pair: a scatter, not a loop over pixels
+        valid = batch["kps_valid"][item]
+        ys, xs = source[item, valid, 1], source[item, valid, 0]
+        truth[item, :, ys, xs] = target[item, valid].t()
+        counted[item, 0, ys, xs] = True
+    return truth, counted
+
+
+@torch.no_grad()
+def compare(
+    model: GuidedFlowModel, batches: Iterable[dict], truth_of, by_category: bool = False
+) -> dict:
+    """Per category (``by_category``) or over ``"all"`` pairs: precision of the untrained (Q' = Q at
+    rho) and trained (equal density) confident sets, their match count and density."""
+    counts: dict[str, torch.Tensor] = {}  # category -> untrained n, hits; trained n, hits; cells
+    for batch in batches:
+        out = model(batch["source_image"], batch["target_image"], refine=False)
+        truth, counted = truth_of(batch, model.grid)
+        correct = correct_matches(truth, model.grid)
+        untrained = confident_mask(out.confidence, model.rho)
+        trained = matched_threshold_set(out.refined_confidence, untrained)
+        per_pair = torch.stack(
+            [
+                *precision(untrained, correct, counted),
+                *precision(trained, correct, counted),
+                (untrained.any(dim=1, keepdim=True) & counted).flatten(1).sum(1),
+                counted.flatten(1).sum(1),
+            ],
+            dim=1,
+        )  # B x 6
+        groups = batch["category"] if by_category else ["all"] * len(per_pair)
+        for category, row in zip(groups, per_pair, strict=True):
+            counts[category] = counts.get(category, 0) + row
+    return {
+        category: {
+            "untrained": round(float(c[1] / c[0].clamp(min=1)), 4),
+            "trained": round(float(c[3] / c[2].clamp(min=1)), 4),
+            "matches": int(c[0]),
+            "density": round(float(c[4] / c[5].clamp(min=1)), 4),
+        }
+        for category, c in sorted(counts.items())
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage1", default="outputs/demo/stage1.ckpt")
+    parser.add_argument("--willow-root", default=None)
+    parser.add_argument("--cache-dir", default="outputs/cache")
+    parser.add_argument("--out", default="benchmarks/results/confident_set.json")
+    args = parser.parse_args(argv)
+    model = PruningStage.load_from_checkpoint(args.stage1, map_location="cpu").model.eval()
+    data = yaml.safe_load((EXPERIMENTS / "demo.yaml").read_text())["data"]["init_args"]
+    synthetic = SyntheticPairsDataModule(**{**data, "cache_dir": args.cache_dir})
+    synthetic.prepare_data()
+    synthetic.setup("test")
+    warped = (synthetic.on_after_batch_transfer(b, 0) for b in synthetic.test_dataloader())
+    result = {"self_warps": compare(model, warped, self_warp_truth)["all"]}
+    if args.willow_root:
+        willow = PFWillowDataModule(root=args.willow_root, cache_dir=args.cache_dir, batch_size=8)
+        willow.prepare_data()
+        willow.setup("test")
+        result["real_pairs"] = compare(model, willow.test_dataloader(), keypoint_truth, True)
+    result["settings"] = vars(args)
+    write_json(args.out, result)
+    print(json.dumps(result, indent=1), file=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
