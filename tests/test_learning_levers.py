@@ -3,8 +3,10 @@ held-out folds that never train on an evaluated class."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from guided_flow.training.stages import MatchingStage
 from tests.helpers import save_stage_checkpoint, shifted_pair
 
 GRID = 6
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def trained_looking_model(flow_base: str = "soft_argmax") -> GuidedFlowModel:
@@ -165,3 +168,30 @@ def test_a_fold_never_trains_on_an_image_of_an_evaluated_class(tmp_path):
     assert all(row.count("PF-dataset/car(G)/") == 2 for row in pairs)
     with pytest.raises(DataError, match="no class 'bike'"):
         make_fold(root, ("bike",), tmp_path / "other")
+
+
+def test_the_held_out_fit_trains_on_the_fold_tree_only(tmp_path):
+    spec = importlib.util.spec_from_file_location("heldout", ROOT / "benchmarks" / "heldout.py")
+    heldout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heldout)
+    root = tmp_path / "willow"
+    write_layout(root, {"a": {"1.png": b"1", "2.png": b"2"}, "b": {"3.png": b"3", "4.png": b"4"}})
+    fold = make_fold(root, ("a",), tmp_path / "fold")
+    config = heldout.fit_config(
+        ROOT / "experiments" / "finetune_folders.yaml",
+        fold,
+        "init.ckpt",
+        20,
+        10,
+        tmp_path / "work",
+        {"model.loss.lambda_wc_cross": 2.0, "model.model.trainable_blocks": 1},
+        str(tmp_path / "cache"),
+    )
+    assert config["data"]["init_args"]["root"] == str(fold.train_root)
+    assert sorted(p.parent.name for p in fold.train_root.rglob("*.png")) == ["b", "b"]
+    assert config["model"]["init_args"]["init_checkpoint"] == "init.ckpt"
+    assert config["model"]["init_args"]["loss"]["lambda_wc_cross"] == 2.0
+    assert config["model"]["init_args"]["model"]["trainable_blocks"] == 1
+    assert config["trainer"]["max_steps"] == 20 and config["trainer"]["logger"] is False
+    (checkpoints,) = config["trainer"]["callbacks"]
+    assert checkpoints["init_args"]["every_n_train_steps"] == 10
