@@ -247,3 +247,23 @@ def run(args: object, overrides: Mapping[str, object], folds: Sequence[str] | No
     if args.plot:
         plot(labelled, args.label, args.plot)
     return labelled
+
+
+def markdown_table(stored: Mapping) -> str:
+    """Each labelled run's fold-mean PCK@0.05 / @0.1 at its last step, beside the initial
+    checkpoint (step 0), the untrained model and the argmax of C, as a markdown table."""
+    rows = [
+        "| run (steps) | tau | matching net off | pruning net off | G' | step 0 tau | untrained "
+        "| argmax of C |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, labelled in stored["runs"].items():
+        first, last = labelled["mean"][0], labelled["mean"][-1]
+
+        def cell(scores: Mapping) -> str:
+            return " / ".join(f"{scores[alpha]:.3f}" for alpha in ALPHAS)
+
+        cells = [last["gsf"], last["gsf_no_matching"], last["gsf_no_pruning"], last["guidance"]]
+        cells += [first["gsf"], last[UNTRAINED], last["argmax"]]
+        rows.append(f"| {label} ({last['step']}) | " + " | ".join(map(cell, cells)) + " |")
+    return "\n".join(rows)

@@ -23,7 +23,8 @@ CKPT [--config experiments/finetune_folders.yaml] [--steps N] [--eval-every K] [
 [--folds CLASS ...] [--set model.loss.lambda_m=2 ...]`` fine-tunes on the images of all classes
 of a PF-WILLOW layout but one and scores the keypoint pairs of that one, for each class in turn;
 ``--set`` then overrides a dotted key of the fine-tuning config. Results go to
-``benchmarks/results/learning_heldout.json`` by label, the curves to ``docs/learning.png``.
+``benchmarks/results/learning_heldout.json`` by label, the curves to ``docs/learning.png``;
+``--table`` prints the stored runs as a markdown table.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from guided_flow.training.stages import GuidedFlowStage, MatchingStage, PruningS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEFAULT_OUT = "benchmarks/results/learning.json"
+HELDOUT_OUT = "benchmarks/results/learning_heldout.json"
 
 
 def log(message: str) -> None:
@@ -236,8 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="held-out fine-tuning steps")
     parser.add_argument("--label", default="finetune_folders", help="held-out run's name")
     parser.add_argument("--folds", nargs="*", default=None, help="held-out classes (all)")
+    parser.add_argument(
+        "--table", action="store_true", help="print the held-out runs' table and stop"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.table:
+        import heldout
+
+        print(heldout.markdown_table(json.loads(Path(HELDOUT_OUT).read_text())))
+        return 0
     if args.heldout:
         return heldout_mode(args)
     started = time.perf_counter()
@@ -283,7 +293,7 @@ def heldout_mode(args: argparse.Namespace) -> int:
     import heldout
 
     if args.out == DEFAULT_OUT:
-        args.out = "benchmarks/results/learning_heldout.json"
+        args.out = HELDOUT_OUT
     args.plot = args.plot or "docs/learning.png"
     overrides = {}
     for item in args.set:
