@@ -59,10 +59,11 @@ def warp_consistency_terms(
     computed once, and the three flows s' -> s, s' -> t and t -> s computed from features."""
     assert model.backbone is not None, "warp consistency needs the model's backbone"
     batch = source_image.shape[0]
-    keys = warp_key(step, torch.arange(batch, dtype=torch.int64))
+    keys = torch.as_tensor(warp_key(step, torch.arange(batch, dtype=torch.int64)))
     params = sample_warp_params(seed, keys, warps, device=source_image.device)
     warped_features = model.backbone(synthesize_pairs(source_image, params).source)
-    warp, valid = warp_at_cells(params, tuple(source_image.shape[-2:]), model.grid)
+    size = (source_image.shape[-2], source_image.shape[-1])
+    warp, valid = warp_at_cells(params, size, (model.grid[0], model.grid[1]))
     source, target = out.source_features, out.target_features
     self_term, cross_term = warp_consistency_loss(
         model.forward_features(warped_features, source).flow,
