@@ -95,8 +95,10 @@ def test_warp_source_follows_the_flow_onto_the_target_grid():
 @pytest.mark.parametrize(
     "image", [textured_image(120, 200), skdata.chelsea()], ids=["generated", "photograph"]
 )
-def test_the_identity_pair_gives_zero_flow(matcher, image):
+def test_the_identity_pair_gives_zero_flow(image):
     kps = [[10.0, 20.0], [150.5, 99.25]]
+    # tau = G' (the paper's base): exactly zero on an identity pair
+    matcher = GuidedSemanticFlow.untrained(input_size=SIZE, flow_base="guidance")
     result = matcher.match(image, image, source_kps=kps)
     height, width = image.shape[:2]
     assert result.flow_s2t.shape == (height, width, 2) and result.flow_s2t.dtype == np.float32
@@ -150,6 +152,19 @@ def test_a_crop_is_found_at_its_offset_despite_an_anisotropic_resize(matcher):
     flow = matcher.match(source, target).flow_s2t[100:400, 60:460].reshape(-1, 2)
     # Within a third of a feature cell (16 input pixels = 51 source pixels).
     np.testing.assert_allclose(np.median(flow, axis=0), [-60.0, -100.0], atol=15.0)
+
+
+@pytest.mark.parametrize(
+    "image", [textured_image(120, 200), skdata.chelsea()], ids=["generated", "photograph"]
+)
+def test_the_weight_free_default_keeps_an_identity_pair_within_a_twentieth_of_a_cell(
+    matcher, image
+):
+    # S is a soft-argmax: its weights spill over the neighbours, unevenly only at the border
+    result = matcher.match(image, image)
+    cell = max(image.shape[:2]) / (SIZE // 16)  # original pixels per feature cell
+    assert np.abs(result.flow_s2t).max() < cell / 20
+    assert np.median(np.abs(result.flow_s2t)) < cell / 200
 
 
 # --- construction -------------------------------------------------------------------------------
