@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="STAGE.OPTION=VALUE",
-        help="override a model option of one stage, e.g. --set stage2.lr=1e-4",
+        help="override a model option of one stage, e.g. --set stage2.lr=1e-4; with --heldout "
+        "a dotted key of the fine-tuning config, e.g. --set model.loss.lambda_m=2",
     )
     parser.add_argument("--heldout", default=None, metavar="ROOT", help="held-out mode's layout")
     parser.add_argument("--init-checkpoint", default="outputs/demo/stage2.ckpt")
