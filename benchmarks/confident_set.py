@@ -2,7 +2,7 @@
 network, at equal density (a benchmark, not a test).
 
 ``python benchmarks/confident_set.py [--stage1 outputs/demo/stage1.ckpt] [--willow-root DIR]
-[--cache-dir DIR] [--out JSON]``
+[--cache-dir DIR] [--out JSON] [--label NAME]`` (runs are stored by label in ``--out``)
 
 The untrained pruning network keeps Q' = sigmoid(10) Q, so its confident set is {Q > rho}; a
 trained one reorders the matches. Comparing the two at rho would mix how many matches survive
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--willow-root", default=None)
     parser.add_argument("--cache-dir", default="outputs/cache")
     parser.add_argument("--out", default="benchmarks/results/confident_set.json")
+    parser.add_argument("--label", default="demo_stage1", help="the run's name in --out")
     args = parser.parse_args(argv)
     model = PruningStage.load_from_checkpoint(args.stage1, map_location="cpu").model.eval()
     data = yaml.safe_load((EXPERIMENTS / "demo.yaml").read_text())["data"]["init_args"]
@@ -153,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         willow.setup("test")
         result["real_pairs"] = compare(model, willow.test_dataloader(), keypoint_truth, True)
     result["settings"] = vars(args)
-    write_json(args.out, result)
+    out = Path(args.out)
+    stored = json.loads(out.read_text()) if out.exists() else {}
+    stored[args.label] = result
+    write_json(out, stored)
     print(json.dumps(result, indent=1), file=sys.stdout)
     return 0
 
