@@ -69,7 +69,9 @@ def precision(
 
 
 def self_warp_truth(batch: dict, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The true match in cells at each cell centre, and where it is valid (self-warps)."""
+    """The true match in cells at each cell centre, and where it is valid (self-warps): the
+    ground truth read at the centre's nearest pixel, not interpolated over the cell (as
+    ``learning.truth_in_cells`` does for EPE), so each match is one warped point."""
     h, w = grid
     size = batch["flow_s2t"].shape[-2:]
     stride = size[1] / w
@@ -89,11 +91,10 @@ def keypoint_truth(batch: dict, grid: tuple[int, int]) -> tuple[torch.Tensor, to
     target = (batch["target_kps"] + 0.5) / stride - 0.5
     truth = torch.zeros(b, 2, h, w)
     counted = torch.zeros(b, 1, h, w, dtype=torch.bool)
-    for item in range(b):  # ten keypoints a pair: a scatter, not a loop over pixels
-        valid = batch["kps_valid"][item]
-        ys, xs = source[item, valid, 1], source[item, valid, 0]
-        truth[item, :, ys, xs] = target[item, valid].t()
-        counted[item, 0, ys, xs] = True
+    pair, slot = batch["kps_valid"].nonzero(as_tuple=True)
+    ys, xs = source[pair, slot, 1], source[pair, slot, 0]
+    truth[pair, :, ys, xs] = target[pair, slot]
+    counted[pair, 0, ys, xs] = True
     return truth, counted
 
 

@@ -60,6 +60,7 @@ def test_guided_flow_test_applies_and_records_the_switches(tmp_path):
         warnings.simplefilter("ignore", UserWarning)
         stage = MatchingStage.from_options(input_size=160, flow_base="soft_argmax")
     with torch.no_grad():
+        stage.model.pruning_net.body.conv8.bias.fill_(1.0)  # Q' = 0.73 Q: nothing confident
         stage.model.matching_net.body.conv8.bias.copy_(torch.tensor([1.5, -1.0]))
     checkpoint = save_stage_checkpoint(stage, tmp_path / "model.ckpt")
     args = [
@@ -80,9 +81,10 @@ def test_guided_flow_test_applies_and_records_the_switches(tmp_path):
         assert run["test_time_overrides"] == ({switch: False} if switch else {})
         assert run["checkpoint_hparams"]["model"].get(switch, False) is False
         scores[switch] = json.loads((results / "metrics.json").read_text())["gsf"]["epe_px"]
-    # the matching net's residual of 1.5 / -1 cells is gone with it switched off
+    # the matching net's residual of 1.5 / -1 cells is gone with it switched off, and with the
+    # pruning net off the confident set (so G' and S) comes back
     assert scores["use_matching_net"] != scores[None]
-    assert scores["use_pruning_net"] > 0
+    assert scores["use_pruning_net"] != scores[None]
 
 
 def test_warp_consistency_is_zero_for_exact_flows_and_positive_otherwise():
