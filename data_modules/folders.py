@@ -42,6 +42,7 @@ from PIL import Image
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules import by_category
 from data_modules.augment import AugmentConfig, PairAugmenter, View
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint, masked_cache_item
 from data_modules.pairs import to_tensor
@@ -218,6 +219,7 @@ class ImageFoldersDataModule(pl.LightningDataModule):
     """
 
     evaluation: ClassVar[str] = "none"
+    negative_labels = staticmethod(by_category)
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules import by_category
 from data_modules.bad_pairs import BadPairPolicy, SkippedPairsReport
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint, masked_cache_item
 from data_modules.sampling import EpochShuffleSampler
@@ -56,6 +57,7 @@ class PairsDataModule(SkippedPairsReport, pl.LightningDataModule):
 
     evaluation: ClassVar[str]
     """How the batches are scored, one of :data:`data_modules.EVALUATIONS`."""
+    negative_labels = staticmethod(by_category)
     benchmark: ClassVar[str] = ""
     """The name in messages and in ``guided-flow download <benchmark>``."""
     cache_name: ClassVar[str] = ""

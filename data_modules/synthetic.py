@@ -29,6 +29,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules import by_photograph
 from data_modules.cache import CacheItem, ImageCache, ensure_cache, fingerprint
 from data_modules.pairs import find_pair_list, read_rows, to_tensor
 from data_modules.pf_pascal import PFPascalDataModule
@@ -214,6 +215,7 @@ class SyntheticPairsDataModule(pl.LightningDataModule):
     """
 
     evaluation: ClassVar[str] = "dense_flow"
+    negative_labels = staticmethod(by_photograph)
 
     def __init__(
         self,

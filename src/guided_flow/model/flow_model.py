@@ -13,12 +13,17 @@ from guided_flow.errors import ConfigError
 from guided_flow.model import volumes
 from guided_flow.model.backbone import FeatureExtractor
 from guided_flow.model.geometry import cell_positions, flow_cells_to_pixels
+from guided_flow.model.local_cost import local_correlation
 from guided_flow.model.networks import MatchingNet, PruningNet
 
 GUIDANCE_MODELS = ("translation", "affine")
 # What the matching residual is added to: tau = G' + M(C') (section 8) or the proposed
 # tau = S + M(C'), S the soft-argmax of C under the Gaussian of C' (volumes.guided_soft_argmax).
 FLOW_BASES = ("guidance", "soft_argmax")
+# What the matching network reads: C' over absolute target cells (the paper's, section 8) or the
+# proposed local cost volume around the flow base (guided_flow.model.local_cost).
+MATCHING_INPUTS = ("global", "local")
+PRUNING_MASKS = ("sigmoid", "relative")
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,20 @@ def check_hyper_parameters(
         )
 
 
+def check_network_options(matching_input: str, local_radius: int, pruning_mask: str) -> None:
+    """Raise ConfigError naming the network option outside its allowed values."""
+    if matching_input not in MATCHING_INPUTS:
+        raise ConfigError(
+            f"matching_input={matching_input!r} is invalid: choose one of {MATCHING_INPUTS}"
+        )
+    if local_radius < 1:
+        raise ConfigError(f"local_radius={local_radius} is invalid: it must be at least 1")
+    if pruning_mask not in PRUNING_MASKS:
+        raise ConfigError(
+            f"pruning_mask={pruning_mask!r} is invalid: choose one of {PRUNING_MASKS}"
+        )
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every option of :class:`GuidedFlowModel` (``--model.model.*`` on the command line).
@@ -114,6 +133,13 @@ class ModelConfig:
     and the flow base (section 8 and the proposed soft-argmax base, with its sharpness beta).
     ``use_pruning_net`` and ``use_matching_net`` are ablation switches: off, Q' = Q and tau = the
     flow base alone (G' or S); the networks' weights are kept, only their use is switched.
+
+    ``matching_input``: what W_M reads, ``"global"`` (C', the paper's) or ``"local"`` (proposed:
+    C sampled in a ``(2 local_radius + 1)^2`` window of displacements around the flow base, plus
+    the base flow itself with ``local_base_flow`` and the source features with
+    ``local_source_features``). ``pruning_mask``: ``"sigmoid"`` (the paper's Q' = Q sigmoid(z))
+    or ``"relative"`` (proposed: Q' = min(1, Q sigmoid(z) / sigmoid(z0)), Q' = Q at
+    initialisation with a live gradient), z starting at ``pruning_init_logit`` (z0).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -130,6 +156,12 @@ class ModelConfig:
     soft_argmax_beta: float = 50.0
     use_pruning_net: bool = True
     use_matching_net: bool = True
+    matching_input: str = "global"
+    local_radius: int = 4
+    local_base_flow: bool = True
+    local_source_features: bool = False
+    pruning_mask: str = "sigmoid"
+    pruning_init_logit: float = 10.0
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -144,6 +176,7 @@ class ModelConfig:
             self.flow_base,
             self.soft_argmax_beta,
         )
+        check_network_options(self.matching_input, self.local_radius, self.pruning_mask)
 
     @classmethod
     def from_hparams(cls, hparams: Mapping) -> ModelConfig:
@@ -180,18 +213,37 @@ class GuidedFlowModel(nn.Module):
         soft_argmax_beta: float = 50.0,
         use_pruning_net: bool = True,
         use_matching_net: bool = True,
+        matching_input: str = "global",
+        local_radius: int = 4,
+        local_base_flow: bool = True,
+        local_source_features: bool = False,
+        pruning_mask: str = "sigmoid",
+        pruning_init_logit: float = 10.0,
+        feature_channels: int | None = None,
     ) -> None:
         super().__init__()
         check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model, flow_base, soft_argmax_beta)
+        check_network_options(matching_input, local_radius, pruning_mask)
         self.backbone = backbone
         self.grid = tuple(grid)
         self.rho, self.c_p, self.c_m = rho, c_p, c_m
         self.window_n, self.guidance_model = window_n, guidance_model
         self.flow_base, self.soft_argmax_beta = flow_base, soft_argmax_beta
         self.use_pruning_net, self.use_matching_net = use_pruning_net, use_matching_net
+        self.matching_input, self.local_radius = matching_input, local_radius
+        self.local_base_flow, self.local_source_features = local_base_flow, local_source_features
         cells = self.grid[0] * self.grid[1]
-        self.pruning_net = PruningNet(cells)
-        self.matching_net = MatchingNet(cells)
+        self.pruning_net = PruningNet(cells, pruning_init_logit, pruning_mask == "relative")
+        in_channels = cells
+        if matching_input == "local":
+            in_channels = (2 * local_radius + 1) ** 2 + 2 * local_base_flow
+            if local_source_features:
+                if feature_channels is None:
+                    if backbone is None:
+                        raise ConfigError("local_source_features needs the feature channels")
+                    feature_channels = backbone.out_channels
+                in_channels += feature_channels
+        self.matching_net = MatchingNet(in_channels)
 
     @classmethod
     def from_config(cls, config: ModelConfig, trainable_blocks: int = 0) -> GuidedFlowModel:
@@ -212,15 +264,21 @@ class GuidedFlowModel(nn.Module):
         return cls(
             extractor,
             grid,
-            config.rho,
-            config.c_p,
-            config.c_m,
-            config.window_n,
-            config.guidance_model,
-            config.flow_base,
-            config.soft_argmax_beta,
-            config.use_pruning_net,
-            config.use_matching_net,
+            rho=config.rho,
+            c_p=config.c_p,
+            c_m=config.c_m,
+            window_n=config.window_n,
+            guidance_model=config.guidance_model,
+            flow_base=config.flow_base,
+            soft_argmax_beta=config.soft_argmax_beta,
+            use_pruning_net=config.use_pruning_net,
+            use_matching_net=config.use_matching_net,
+            matching_input=config.matching_input,
+            local_radius=config.local_radius,
+            local_base_flow=config.local_base_flow,
+            local_source_features=config.local_source_features,
+            pruning_mask=config.pruning_mask,
+            pruning_init_logit=config.pruning_init_logit,
         )
 
     @property
@@ -247,6 +305,25 @@ class GuidedFlowModel(nn.Module):
         source_features, target_features = features.chunk(2, dim=0)
         return self.forward_features(source_features, target_features, refine)
 
+    def matching_net_input(
+        self,
+        volume: torch.Tensor,
+        guidance: torch.Tensor,
+        base_flow: torch.Tensor,
+        source_features: torch.Tensor,
+    ) -> torch.Tensor:
+        """What W_M reads: C' (``B x (h*w) x h x w``) for ``matching_input="global"``; for
+        ``"local"``, C around the flow base (``B x (2r+1)^2 x h x w``), then the base flow in
+        grid widths (``B x 2 x h x w``) and the source features, as configured."""
+        if self.matching_input == "global":
+            return volumes.guided_correlation(volume, guidance, self.c_m)
+        parts = [local_correlation(volume, base_flow, self.local_radius)]
+        if self.local_base_flow:
+            parts.append(base_flow / max(self.grid))
+        if self.local_source_features:
+            parts.append(source_features)
+        return torch.cat(parts, dim=1)
+
     def forward_features(
         self,
         source_features: torch.Tensor,
@@ -269,7 +346,7 @@ class GuidedFlowModel(nn.Module):
             )
         volume = volumes.correlation(source_features, target_features)
         confidence = volumes.soft_mutual_confidence(volume)
-        refined = confidence * self.pruning_net(confidence) if use_pruning_net else confidence
+        refined = self.pruning_net.refine(confidence) if use_pruning_net else confidence
         sparse, weight = volumes.sparse_guidance(refined, self.rho)
         guidance = volumes.interpolate_guidance(
             sparse, weight, self.c_p, self.window_n, self.guidance_model
@@ -279,8 +356,8 @@ class GuidedFlowModel(nn.Module):
             if self.flow_base == "soft_argmax":
                 flow = volumes.guided_soft_argmax(volume, guidance, self.c_m, self.soft_argmax_beta)
             if use_matching_net:
-                guided_volume = volumes.guided_correlation(volume, guidance, self.c_m)
-                flow = flow + self.matching_net(guided_volume)
+                matching_input = self.matching_net_input(volume, guidance, flow, source_features)
+                flow = flow + self.matching_net(matching_input)
         return FlowOutput(
             flow=flow,
             guidance=guidance,

@@ -45,6 +45,20 @@ def silhouette_loss(
     return _masked_mean((refined_confidence - confidence.detach()) ** 2, selected)
 
 
+def negative_pair_loss(
+    confidence: torch.Tensor, refined_confidence: torch.Tensor, rho: float, margin: float = 0.1
+) -> torch.Tensor:
+    """L_neg (proposed formulation, beyond the paper; after the weak losses of NC-Net and DCCNet):
+    on a pair of images that do not correspond (different categories), no match should be
+    confident. Mean over the pair's initial confident set {(i, j): Q(i, j) > rho} of
+    max(0, Q'(i, j) - (rho - margin)): it pulls those matches below the threshold, by a margin,
+    and lets go of them once they are there. L_sil keeps Q' = Q on positive pairs, so the
+    pruning network must learn what tells the two apart. Volumes ``B x (h*w) x h x w``, every
+    pair a negative one; 0 when no match is confident."""
+    selected = confident_mask(confidence, rho)
+    return _masked_mean(F.relu(refined_confidence - (rho - margin)), selected)
+
+
 def geometric_loss(
     source_features: torch.Tensor,
     target_features: torch.Tensor,

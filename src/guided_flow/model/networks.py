@@ -75,24 +75,41 @@ class EncoderDecoder(nn.Module):
 
 
 class PruningNet(nn.Module):
-    """W_P: refines the confidence, ``B x (h*w) x h x w`` -> a sigmoid mask of the same shape,
-    initialised to sigmoid(10) = 0.99995 everywhere."""
+    """W_P: refines the confidence, ``B x (h*w) x h x w`` -> a mask m of the same shape, with
+    Q' = min(1, Q m) (:meth:`refine`).
 
-    def __init__(self, grid_cells: int) -> None:
+    ``relative=False`` is the paper's sigmoid mask m = sigmoid(z), its last layer initialised to
+    z = ``init_logit`` (10: m = 0.99995, so Q' = Q at first, but sigmoid'(10) = 4.5e-5 leaves
+    the gradient nearly dead). ``relative=True`` is the proposed m = sigmoid(z) / sigmoid(z0)
+    with z0 = ``init_logit`` (small, e.g. 0): Q' = Q exactly at initialisation and dQ'/dz =
+    Q (1 - sigmoid(z0)) alive; m may exceed 1, hence the clip at 1.
+    """
+
+    def __init__(self, grid_cells: int, init_logit: float = 10.0, relative: bool = False) -> None:
         super().__init__()
-        self.body = EncoderDecoder(grid_cells, grid_cells, final_bias=10.0)
+        self.body = EncoderDecoder(grid_cells, grid_cells, final_bias=init_logit)
+        self.relative = relative
+        self.register_buffer(
+            "scale", torch.tensor(1.0 / torch.sigmoid(torch.tensor(init_logit)).item()), False
+        )
 
     def forward(self, confidence: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.body(confidence))
+        mask = torch.sigmoid(self.body(confidence))
+        return mask * self.scale if self.relative else mask
+
+    def refine(self, confidence: torch.Tensor) -> torch.Tensor:
+        """Q' = min(1, Q m), ``B x (h*w) x h x w``."""
+        return (confidence * self(confidence)).clamp(max=1.0)
 
 
 class MatchingNet(nn.Module):
-    """W_M: reads the guided correlation ``B x (h*w) x h x w`` and returns a residual flow
+    """W_M: reads its input (the guided correlation ``B x (h*w) x h x w``, or the local cost
+    volume with its extras, ``B x in_channels x h x w``) and returns a residual flow
     ``B x 2 x h x w`` (cells), exactly zero at initialisation."""
 
-    def __init__(self, grid_cells: int) -> None:
+    def __init__(self, in_channels: int) -> None:
         super().__init__()
-        self.body = EncoderDecoder(grid_cells, 2, final_bias=0.0)
+        self.body = EncoderDecoder(in_channels, 2, final_bias=0.0)
 
-    def forward(self, guided_volume: torch.Tensor) -> torch.Tensor:
-        return self.body(guided_volume)
+    def forward(self, matching_input: torch.Tensor) -> torch.Tensor:
+        return self.body(matching_input)

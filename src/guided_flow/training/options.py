@@ -48,7 +48,10 @@ class LossConfig:
     the ``"finest"`` layer of a hypercolumn (proposed; docs/decisions.md). ``lambda_wc_self`` and
     ``lambda_wc_cross`` weigh stage 2's warp-consistency terms (proposed, beyond the paper; 0: the
     paper's losses alone), whose composed term ignores cells whose error exceeds
-    ``wc_visibility`` cells (:mod:`~guided_flow.training.warp_consistency`).
+    ``wc_visibility`` cells (:mod:`~guided_flow.training.warp_consistency`). ``lambda_neg``
+    weighs the negative-pair loss of both stages (proposed, beyond the paper; 0: off), which
+    pushes Q' of pairs of different categories (or, on synthetic batches, of different
+    photographs) below ``rho - neg_margin`` (:func:`~guided_flow.model.losses.negative_pair_loss`).
     """
 
     window_m: int = 5
@@ -61,6 +64,8 @@ class LossConfig:
     lambda_wc_self: float = 0.0
     lambda_wc_cross: float = 0.0
     wc_visibility: float = 2.0
+    lambda_neg: float = 0.0
+    neg_margin: float = 0.1
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -73,7 +78,9 @@ class LossConfig:
         _check_choice("geo_weighting", self.geo_weighting, GEO_WEIGHTINGS)
         _check_choice("match_features", self.match_features, MATCH_FEATURES)
         _check_non_negative(self, ("lambda_geo", "lambda_m", "lambda_sm"))
-        _check_non_negative(self, ("lambda_wc_self", "lambda_wc_cross"))
+        _check_non_negative(self, ("lambda_wc_self", "lambda_wc_cross", "lambda_neg"))
+        if not 0.0 <= self.neg_margin < 1.0:
+            raise ConfigError(f"neg_margin={self.neg_margin} is invalid: it must lie in [0, 1)")
         if not self.wc_visibility > 0:
             raise ConfigError(f"wc_visibility={self.wc_visibility} is invalid: it must be positive")
 

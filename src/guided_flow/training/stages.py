@@ -16,10 +16,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, replace
 from typing import Any, TypeVar
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from typing_extensions import Self
 
@@ -28,7 +27,9 @@ from guided_flow.model import losses
 from guided_flow.model.backbone import FeatureExtractor
 from guided_flow.model.flow_model import FlowOutput, GuidedFlowModel, ModelConfig
 from guided_flow.model.volumes import EPS
+from guided_flow.training.callbacks import validate_before_training
 from guided_flow.training.evaluation_steps import EvaluationSteps
+from guided_flow.training.negative_pairs import negative_pair_term
 from guided_flow.training.optim import build_optimizer
 from guided_flow.training.options import (
     LossConfig,
@@ -64,37 +65,6 @@ def as_group(kind: type[Group], options: object) -> Group:
         f"{kind.__name__} options must be a {kind.__name__} or a mapping of its fields, "
         f"not {type(options).__name__}"
     )
-
-
-def validate_before_training(trainer: pl.Trainer) -> None:
-    """Run the fit's validation loop once before the first training step and offer its result
-    to every monitoring ModelCheckpoint (Lightning skips step 0 on its own), so that training
-    keeps the untrained weights unless it beats them. Nothing happens without validation
-    batches or under ``fast_dev_run``."""
-    # Lightning sets Trainer.fast_dev_run at run time: the Trainer type does not declare it
-    if trainer.fast_dev_run or not trainer.enable_validation:  # type: ignore[attr-defined]
-        return
-    loop = trainer.fit_loop.epoch_loop.val_loop
-    loop.setup_data()
-    if loop.skip:
-        return
-    checkpoints = [
-        cb
-        for cb in trainer.checkpoint_callbacks
-        if isinstance(cb, ModelCheckpoint) and cb.monitor is not None
-    ]
-    for callback in checkpoints:
-        # Lightning's guard against saving twice at one step also blocks the first save at 0
-        callback._last_global_step_saved = -1
-    first_loop_iter = trainer._logger_connector._first_loop_iter
-    trainer.validating = True
-    loop.run()
-    trainer.training = True
-    trainer._logger_connector._first_loop_iter = first_loop_iter
-    for callback in checkpoints:
-        if callback._last_global_step_saved != trainer.global_step:  # it saves per epoch
-            callback._save_topk_checkpoint(trainer, callback._monitor_candidates(trainer))
-        callback._last_global_step_saved = trainer.global_step
 
 
 class GuidedFlowStage(EvaluationSteps):
@@ -273,6 +243,8 @@ class GuidedFlowStage(EvaluationSteps):
                 out.refined_confidence if loss.geo_weighting == "confidence" else None,
             ),
         }
+        if loss.lambda_neg > 0:
+            terms["neg"] = self.negative_pair_term(out, batch)
         if self.stage == 2:
             source_features, target_features = self.match_features(out)
             terms["match"] = losses.matching_loss(
@@ -293,6 +265,19 @@ class GuidedFlowStage(EvaluationSteps):
                 )
         return terms
 
+    def negative_pair_term(self, out: FlowOutput, batch: Mapping) -> torch.Tensor:
+        """L_neg over the batch's negative pairs, told apart by the data module's
+        ``negative_labels`` (:func:`~guided_flow.training.negative_pairs.negative_pair_term`)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        labelling = getattr(datamodule, "negative_labels", None)
+        if labelling is None:
+            raise ConfigError(
+                f"lambda_neg={self.loss_config.lambda_neg} needs negative pairs, but the data "
+                f"module {type(datamodule).__name__} does not say which pictures differ "
+                "(no negative_labels)"
+            )
+        return negative_pair_term(self.model, out, labelling(batch), self.loss_config.neg_margin)
+
     def match_features(self, out: FlowOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """The source and target features L_M compares (``B x D' x h x w``, unit vectors)."""
         if self.loss_config.match_features == "all":
@@ -309,6 +294,8 @@ class GuidedFlowStage(EvaluationSteps):
         total = terms["sil"] + loss.lambda_geo * terms["geo"]
         if self.stage == 2:
             total = total + loss.lambda_m * terms["match"] + loss.lambda_sm * terms["smooth"]
+        if "neg" in terms:
+            total = total + loss.lambda_neg * terms["neg"]
         if "wc_self" in terms:
             total = total + loss.lambda_wc_self * terms["wc_self"]
             total = total + loss.lambda_wc_cross * terms["wc_cross"]
@@ -376,9 +363,18 @@ class MatchingStage(GuidedFlowStage):
             self.initialise_from_checkpoint()
 
 
+# A network whose parametrisation differs between a checkpoint and the run starts afresh.
+NETWORK_OPTIONS = {
+    "matching_net": ("matching_input", "local_radius", "local_base_flow", "local_source_features"),
+    "pruning_net": ("pruning_mask", "pruning_init_logit"),
+}
+
+
 def load_stage_weights(module: GuidedFlowStage, path: str) -> None:
     """Initialise ``module``'s model from a guided-flow checkpoint (stage 1 or 2), checking that
-    its grid matches."""
+    its grid matches. A network whose options (:data:`NETWORK_OPTIONS`) differ from the
+    checkpoint's, e.g. a local matching input from a checkpoint of the paper's global one, keeps
+    its fresh initialisation (with a warning); every other weight is loaded."""
     if not os.path.isfile(path):
         raise ConfigError(f"init_checkpoint={path!r}: no such file")
     try:
@@ -395,4 +391,18 @@ def load_stage_weights(module: GuidedFlowStage, path: str) -> None:
             f"init_checkpoint={path!r} was trained at input_size={saved['input_size']} but this "
             f"run uses input_size={size}: the grid must match"
         )
+    defaults = asdict(ModelConfig())
+    fresh = [
+        name
+        for name, options in NETWORK_OPTIONS.items()
+        if any(saved.get(o, defaults[o]) != getattr(module.model_config, o) for o in options)
+    ]
+    if fresh:
+        rank_zero_warn(
+            f"init_checkpoint={path!r}: {' and '.join(fresh)} built with other options; "
+            "starting from their initialisation"
+        )
+        prefixes = tuple(f"model.{name}." for name in fresh)
+        state = {key: value for key, value in state.items() if not key.startswith(prefixes)}
+        state.update({k: v for k, v in module.state_dict().items() if k.startswith(prefixes)})
     module.load_state_dict(state, strict=True)
