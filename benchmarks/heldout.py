@@ -10,6 +10,12 @@ model (weight-free, the config's model options) once per fold.
 
 Runs are stored by ``--label`` in ``--out`` (other labels are kept), so that each lever is one
 labelled run; ``--plot`` draws one run's fold-mean curves.
+
+With ``--unseen`` the folds hold out whole *categories* (the class name before its parenthesis:
+the three car classes are one category): train on the car images only and test duck(S), train on
+the duck images only and test each car class. Its mean over the held-out classes is the
+unseen-category figure: a fold of a car class trains on photographs of other cars, which
+overstates what learning transfers to a category it never saw.
 """
 
 from __future__ import annotations
@@ -115,18 +121,33 @@ def score(
     for name, evaluator in evaluators.items():
         summary = evaluator.compute()
         results[name] = {alpha: round(float(summary[alpha]), 4) for alpha in ALPHAS}
+        results[name]["per_category"] = {
+            category: {alpha: round(float(row[alpha]), 4) for alpha in ALPHAS}
+            for category, row in summary["per_category"].items()
+            if row["pairs"]
+        }
     return results
+
+
+def category_folds(root: str) -> dict[str, tuple[str, ...]]:
+    """The classes of each category of ``root``, by the class name before its parenthesis:
+    ``{"car": ("car(G)", "car(M)", "car(S)"), "duck": ("duck(S)",)}``."""
+    groups: dict[str, list[str]] = {}
+    for name in classes(root):
+        groups.setdefault(name.split("(")[0], []).append(name)
+    return {category: tuple(names) for category, names in groups.items()}
 
 
 def run_fold(
     root: str,
-    held_out: str,
+    held_out: tuple[str, ...],
     args: object,
     overrides: Mapping[str, object],
     work: Path,
 ) -> dict:
-    """Fine-tune on the fold that holds out ``held_out`` and score every saved step."""
-    fold = make_fold(root, (held_out,), work / "fold")
+    """Fine-tune on the fold that holds out the classes ``held_out`` and score every saved
+    step."""
+    fold = make_fold(root, held_out, work / "fold")
     log(f"fold {held_out}: {len(fold.train_images)} training images, {fold.test_pairs} pairs")
     datamodule = PFWillowDataModule(
         root=str(fold.test_root), cache_dir=args.cache_dir, batch_size=8, num_workers=0
@@ -165,6 +186,26 @@ def run_fold(
         "records": records,
         "untrained": untrained_scores,
     }
+
+
+def class_mean(folds: Mapping[str, dict]) -> list[dict]:
+    """The mean over held-out classes (each class of each fold once) of each predictor's PCK at
+    each step: with ``--unseen``, the unseen-category figure."""
+    first = next(iter(folds.values()))["records"]
+    means = []
+    for index, record in enumerate(first):
+        mean: dict = {"step": record["step"]}
+        for name in SCORED:
+            rows = [
+                row
+                for fold in folds.values()
+                for row in fold["records"][index][name]["per_category"].values()
+            ]
+            mean[name] = {
+                alpha: round(sum(row[alpha] for row in rows) / len(rows), 4) for alpha in ALPHAS
+            }
+        means.append(mean)
+    return means
 
 
 def fold_mean(folds: Mapping[str, dict]) -> list[dict]:
@@ -221,12 +262,16 @@ def plot(run: Mapping, label: str, path: str) -> None:
 def run(args: object, overrides: Mapping[str, object], folds: Sequence[str] | None) -> dict:
     """Every fold of ``args.heldout``; stores the labelled run in ``args.out``."""
     started = time.perf_counter()
-    names = list(folds or classes(args.heldout))
+    if getattr(args, "unseen", False):
+        held_out = category_folds(args.heldout)
+    else:
+        held_out = {name: (name,) for name in classes(args.heldout)}
+    names = list(folds or held_out)
     results = {}
     with tempfile.TemporaryDirectory(prefix="heldout-") as scratch:
         for name in names:
             work = Path(scratch) / name.replace("(", "_").replace(")", "")
-            results[name] = run_fold(args.heldout, name, args, overrides, work)
+            results[name] = run_fold(args.heldout, held_out[name], args, overrides, work)
     labelled = {
         "settings": {
             "config": args.config,
@@ -235,8 +280,10 @@ def run(args: object, overrides: Mapping[str, object], folds: Sequence[str] | No
             "eval_every": args.eval_every,
             "overrides": dict(overrides),
         },
+        "protocol": "unseen_category" if getattr(args, "unseen", False) else "leave_one_class_out",
         "folds": results,
         "mean": fold_mean(results),
+        "class_mean": class_mean(results),
         "seconds": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)

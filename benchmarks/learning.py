@@ -52,6 +52,7 @@ from guided_flow.training.stages import GuidedFlowStage, MatchingStage, PruningS
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEFAULT_OUT = "benchmarks/results/learning.json"
 HELDOUT_OUT = "benchmarks/results/learning_heldout.json"
+LEARNABILITY_OUT = "benchmarks/results/learnability.json"
 
 
 def log(message: str) -> None:
@@ -240,7 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="finetune_folders", help="held-out run's name")
     parser.add_argument("--folds", nargs="*", default=None, help="held-out classes (all)")
     parser.add_argument(
+        "--unseen", action="store_true", help="held-out mode: hold out whole categories"
+    )
+    parser.add_argument(
         "--table", action="store_true", help="print the held-out runs' table and stop"
+    )
+    parser.add_argument(
+        "--learnability", action="store_true", help="supervised learnability check of W_M"
+    )
+    parser.add_argument("--seconds", type=float, default=150.0, help="CPU seconds per input")
+    parser.add_argument("--train-pairs", type=int, default=320)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--inputs", nargs="*", default=["global", "local", "local_encoder_decoder"]
     )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -251,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.heldout:
         return heldout_mode(args)
+    if args.learnability:
+        return learnability_mode(args)
     started = time.perf_counter()
 
     data_options = yaml.safe_load((EXPERIMENTS / "demo.yaml").read_text())["data"]["init_args"]
@@ -285,6 +300,27 @@ def main(argv: list[str] | None = None) -> int:
         handle.write((text + "\n").encode())
     if args.plot:
         plot(result, args.plot)
+    print(text)
+    return 0
+
+
+def learnability_mode(args: argparse.Namespace) -> int:
+    """``--learnability``: the matching network trained with a supervised flow term on cached
+    inputs, ``global`` against ``local`` (:mod:`learnability`); results are stored by variant
+    in ``--out``, variants run before are kept."""
+    import learnability
+
+    if args.out == DEFAULT_OUT:
+        args.out = LEARNABILITY_OUT
+    out = Path(args.out)
+    stored = json.loads(out.read_text()) if out.exists() else {"inputs": {}}
+    result = learnability.run(args, truth_in_cells, batches)
+    for outcome in result["inputs"].values():
+        outcome["settings"] = result["settings"]
+    stored["inputs"].update(result["inputs"])  # variants run before are kept
+    text = json.dumps(stored, indent=1)
+    with atomic_open(args.out) as handle:
+        handle.write((text + "\n").encode())
     print(text)
     return 0
 

@@ -60,7 +60,7 @@ def test_the_local_volume_peaks_at_the_centre_on_a_known_shift():
 @pytest.mark.parametrize("grid", [(6, 6), (40, 40)])
 def test_the_local_input_width_does_not_depend_on_the_grid(grid):
     model = GuidedFlowModel(None, grid, flow_base="soft_argmax", matching_input="local").eval()
-    first = model.matching_net.body.conv1[0][0]
+    first = model.matching_net.body.layers[0][0]
     assert first.in_channels == 9 * 9 + 2
     source, target = shifted_pair(1, 16, *grid, (1, 0))
     out = model.forward_features(source, target)
@@ -74,7 +74,7 @@ def test_local_source_features_widen_the_input_by_the_feature_channels():
         None, (6, 6), matching_input="local", local_radius=2, local_base_flow=False,
         local_source_features=True, feature_channels=16,
     )  # fmt: skip
-    assert model.matching_net.body.conv1[0][0].in_channels == 25 + 16
+    assert model.matching_net.body.layers[0][0].in_channels == 25 + 16
     source, target = shifted_pair(1, 16, 6, 6, (1, 0))
     x = model.matching_net_input(
         volumes.correlation(source, target), torch.zeros(1, 2, 6, 6), torch.zeros(1, 2, 6, 6),
@@ -83,10 +83,13 @@ def test_local_source_features_widen_the_input_by_the_feature_channels():
     torch.testing.assert_close(x[:, 25:], source)
 
 
-def test_the_local_matching_net_learns_what_the_global_one_reads():
-    """A supervised step on the local input moves tau towards the truth on a known shift."""
+@pytest.mark.parametrize("head", ["conv", "encoder_decoder"])
+def test_the_local_matching_net_learns_a_known_shift(head):
+    """Supervised steps on the local input move tau towards the truth on a known shift."""
     torch.manual_seed(0)
-    model = GuidedFlowModel(None, (8, 8), flow_base="soft_argmax", matching_input="local")
+    model = GuidedFlowModel(
+        None, (8, 8), flow_base="soft_argmax", matching_input="local", local_head=head
+    )
     source, target = shifted_pair(4, 32, 8, 8, (1, 0))
     truth = torch.zeros(4, 2, 8, 8)
     truth[:, 0] = 1.0
@@ -108,6 +111,7 @@ def test_bad_network_options_are_refused_with_the_option_named():
         ({"matching_input": "absolute"}, "matching_input"),
         ({"local_radius": 0}, "local_radius"),
         ({"pruning_mask": "tanh"}, "pruning_mask"),
+        ({"local_head": "mlp"}, "local_head"),
     ):
         with pytest.raises(ConfigError, match=name):
             ModelConfig(**options).check()
@@ -223,7 +227,7 @@ def local_checkpoint(tmp_path_factory):
         model = GuidedFlowModel.from_config(config).eval()
     with torch.no_grad():
         for net in (model.pruning_net, model.matching_net):
-            net.body.conv8.weight.normal_(0.0, 0.05)
+            net.body.output_layer.weight.normal_(0.0, 0.05)
     path = tmp_path_factory.mktemp("ckpt") / "local.ckpt"
     torch.save(
         {
@@ -300,7 +304,7 @@ def test_a_run_of_other_networks_starts_them_afresh_from_a_papers_checkpoint(tmp
         )
     with pytest.warns(UserWarning, match="matching_net built with other options"):
         local.initialise_from_checkpoint()
-    assert (local.model.matching_net.body.conv8.bias == 0).all()  # fresh
+    assert (local.model.matching_net.body.output_layer.bias == 0).all()  # fresh
     assert (local.model.pruning_net.body.conv8.bias == 3.0).all()  # loaded
     torch.testing.assert_close(
         local.model.backbone.state_dict(), paper.model.backbone.state_dict()

@@ -24,6 +24,7 @@ FLOW_BASES = ("guidance", "soft_argmax")
 # proposed local cost volume around the flow base (guided_flow.model.local_cost).
 MATCHING_INPUTS = ("global", "local")
 PRUNING_MASKS = ("sigmoid", "relative")
+MATCHING_HEADS = ("conv", "encoder_decoder")
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,12 @@ def check_hyper_parameters(
         )
 
 
-def check_network_options(matching_input: str, local_radius: int, pruning_mask: str) -> None:
+def check_network_options(
+    matching_input: str, local_radius: int, pruning_mask: str, local_head: str = "conv"
+) -> None:
     """Raise ConfigError naming the network option outside its allowed values."""
+    if local_head not in MATCHING_HEADS:
+        raise ConfigError(f"local_head={local_head!r} is invalid: choose one of {MATCHING_HEADS}")
     if matching_input not in MATCHING_INPUTS:
         raise ConfigError(
             f"matching_input={matching_input!r} is invalid: choose one of {MATCHING_INPUTS}"
@@ -137,7 +142,9 @@ class ModelConfig:
     ``matching_input``: what W_M reads, ``"global"`` (C', the paper's) or ``"local"`` (proposed:
     C sampled in a ``(2 local_radius + 1)^2`` window of displacements around the flow base, plus
     the base flow itself with ``local_base_flow`` and the source features with
-    ``local_source_features``). ``pruning_mask``: ``"sigmoid"`` (the paper's Q' = Q sigmoid(z))
+    ``local_source_features``, read by ``local_head``: a plain ``"conv"`` stack or Table 1's
+    ``"encoder_decoder"``; the global input always has the encoder-decoder). ``pruning_mask``:
+    ``"sigmoid"`` (the paper's Q' = Q sigmoid(z))
     or ``"relative"`` (proposed: Q' = min(1, Q sigmoid(z) / sigmoid(z0)), Q' = Q at
     initialisation with a live gradient), z starting at ``pruning_init_logit`` (z0).
     """
@@ -160,6 +167,7 @@ class ModelConfig:
     local_radius: int = 4
     local_base_flow: bool = True
     local_source_features: bool = False
+    local_head: str = "conv"
     pruning_mask: str = "sigmoid"
     pruning_init_logit: float = 10.0
 
@@ -176,7 +184,9 @@ class ModelConfig:
             self.flow_base,
             self.soft_argmax_beta,
         )
-        check_network_options(self.matching_input, self.local_radius, self.pruning_mask)
+        check_network_options(
+            self.matching_input, self.local_radius, self.pruning_mask, self.local_head
+        )
 
     @classmethod
     def from_hparams(cls, hparams: Mapping) -> ModelConfig:
@@ -217,13 +227,14 @@ class GuidedFlowModel(nn.Module):
         local_radius: int = 4,
         local_base_flow: bool = True,
         local_source_features: bool = False,
+        local_head: str = "conv",
         pruning_mask: str = "sigmoid",
         pruning_init_logit: float = 10.0,
         feature_channels: int | None = None,
     ) -> None:
         super().__init__()
         check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model, flow_base, soft_argmax_beta)
-        check_network_options(matching_input, local_radius, pruning_mask)
+        check_network_options(matching_input, local_radius, pruning_mask, local_head)
         self.backbone = backbone
         self.grid = tuple(grid)
         self.rho, self.c_p, self.c_m = rho, c_p, c_m
@@ -234,8 +245,9 @@ class GuidedFlowModel(nn.Module):
         self.local_base_flow, self.local_source_features = local_base_flow, local_source_features
         cells = self.grid[0] * self.grid[1]
         self.pruning_net = PruningNet(cells, pruning_init_logit, pruning_mask == "relative")
-        in_channels = cells
+        in_channels, head = cells, "encoder_decoder"
         if matching_input == "local":
+            head = local_head
             in_channels = (2 * local_radius + 1) ** 2 + 2 * local_base_flow
             if local_source_features:
                 if feature_channels is None:
@@ -243,7 +255,7 @@ class GuidedFlowModel(nn.Module):
                         raise ConfigError("local_source_features needs the feature channels")
                     feature_channels = backbone.out_channels
                 in_channels += feature_channels
-        self.matching_net = MatchingNet(in_channels)
+        self.matching_net = MatchingNet(in_channels, head)
 
     @classmethod
     def from_config(cls, config: ModelConfig, trainable_blocks: int = 0) -> GuidedFlowModel:
@@ -277,6 +289,7 @@ class GuidedFlowModel(nn.Module):
             local_radius=config.local_radius,
             local_base_flow=config.local_base_flow,
             local_source_features=config.local_source_features,
+            local_head=config.local_head,
             pruning_mask=config.pruning_mask,
             pruning_init_logit=config.pruning_init_logit,
         )

@@ -365,7 +365,13 @@ class MatchingStage(GuidedFlowStage):
 
 # A network whose parametrisation differs between a checkpoint and the run starts afresh.
 NETWORK_OPTIONS = {
-    "matching_net": ("matching_input", "local_radius", "local_base_flow", "local_source_features"),
+    "matching_net": (
+        "matching_input",
+        "local_radius",
+        "local_base_flow",
+        "local_source_features",
+        "local_head",
+    ),
     "pruning_net": ("pruning_mask", "pruning_init_logit"),
 }
 
