@@ -10,8 +10,9 @@ from data_modules.warps import sample_warp_params, synthesize_pairs
 from guided_flow.errors import ConfigError
 from guided_flow.io.images import normalise, resize_image
 from guided_flow.model import ModelConfig
+from guided_flow.training.initial_weights import load_stage_weights
 from guided_flow.training.options import LossConfig, OptimConfig
-from guided_flow.training.stages import MatchingStage, PruningStage, load_stage_weights
+from guided_flow.training.stages import MatchingStage, PruningStage
 from tests.helpers import save_stage_checkpoint
 
 SIZE = 160

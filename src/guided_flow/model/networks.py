@@ -120,6 +120,7 @@ class PruningNet(nn.Module):
         super().__init__()
         self.body = EncoderDecoder(grid_cells, grid_cells, final_bias=init_logit)
         self.relative = relative
+        self.scale: torch.Tensor
         self.register_buffer(
             "scale", torch.tensor(1.0 / torch.sigmoid(torch.tensor(init_logit)).item()), False
         )

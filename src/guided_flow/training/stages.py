@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from typing_extensions import Self
 
@@ -29,6 +28,7 @@ from guided_flow.model.flow_model import FlowOutput, GuidedFlowModel, ModelConfi
 from guided_flow.model.volumes import EPS
 from guided_flow.training.callbacks import validate_before_training
 from guided_flow.training.evaluation_steps import EvaluationSteps
+from guided_flow.training.initial_weights import load_stage_weights
 from guided_flow.training.negative_pairs import negative_pair_term
 from guided_flow.training.optim import build_optimizer
 from guided_flow.training.options import (
@@ -361,54 +361,3 @@ class MatchingStage(GuidedFlowStage):
         super().setup(stage)
         if stage == "fit":
             self.initialise_from_checkpoint()
-
-
-# A network whose parametrisation differs between a checkpoint and the run starts afresh.
-NETWORK_OPTIONS = {
-    "matching_net": (
-        "matching_input",
-        "local_radius",
-        "local_base_flow",
-        "local_source_features",
-        "local_head",
-    ),
-    "pruning_net": ("pruning_mask", "pruning_init_logit"),
-}
-
-
-def load_stage_weights(module: GuidedFlowStage, path: str) -> None:
-    """Initialise ``module``'s model from a guided-flow checkpoint (stage 1 or 2), checking that
-    its grid matches. A network whose options (:data:`NETWORK_OPTIONS`) differ from the
-    checkpoint's, e.g. a local matching input from a checkpoint of the paper's global one, keeps
-    its fresh initialisation (with a warning); every other weight is loaded."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"init_checkpoint={path!r}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint["state_dict"]
-    except Exception as error:
-        raise ConfigError(
-            f"init_checkpoint={path!r} is not a readable Lightning checkpoint: {error}"
-        ) from error
-    saved = upgrade_stage_options(checkpoint.get("hyper_parameters", {})).get("model", {})
-    size = module.model_config.input_size
-    if saved.get("input_size", size) != size:
-        raise ConfigError(
-            f"init_checkpoint={path!r} was trained at input_size={saved['input_size']} but this "
-            f"run uses input_size={size}: the grid must match"
-        )
-    defaults = asdict(ModelConfig())
-    fresh = [
-        name
-        for name, options in NETWORK_OPTIONS.items()
-        if any(saved.get(o, defaults[o]) != getattr(module.model_config, o) for o in options)
-    ]
-    if fresh:
-        rank_zero_warn(
-            f"init_checkpoint={path!r}: {' and '.join(fresh)} built with other options; "
-            "starting from their initialisation"
-        )
-        prefixes = tuple(f"model.{name}." for name in fresh)
-        state = {key: value for key, value in state.items() if not key.startswith(prefixes)}
-        state.update({k: v for k, v in module.state_dict().items() if k.startswith(prefixes)})
-    module.load_state_dict(state, strict=True)
