@@ -123,10 +123,12 @@ class DecodedImages:
 
     def __getitem__(self, row: int) -> dict[str, np.ndarray]:
         relative = self.images[row]
-        item = {"image": resize_image(load_image(self.root / "JPEGImages" / relative), self.size)}
+        image = load_image(self.root / "JPEGImages" / relative, upright=False)  # masks: stored
+        item = {"image": resize_image(image, self.size)}
         if self.masks:
             mask_path = (self.root / "Segmentation" / relative).with_suffix(".png")
-            foreground = (load_image(mask_path).max(axis=-1) > 0).astype(np.uint8) * 255
+            labels = load_image(mask_path, upright=False)
+            foreground = (labels.max(axis=-1) > 0).astype(np.uint8) * 255
             item["mask"] = resize_image(foreground, self.size, interpolation="nearest")
         return item
 

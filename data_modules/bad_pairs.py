@@ -62,7 +62,7 @@ class ImageSizes:
             try:
                 if not path.is_file():
                     raise DataError(f"image {path} does not exist")
-                image = load_image(path)
+                image = load_image(path, upright=False)  # annotations: stored frame
                 self.known[path] = (image.shape[0], image.shape[1])
             except DataError as error:
                 self.known[path] = str(error)

@@ -11,9 +11,10 @@ Layout under ``root`` (one sub-folder per category; images found recursively ins
 
 Optional foreground masks live under ``mask_dir`` with the same relative paths and a ``.png``
 suffix (``mask_dir/car/a.png`` for ``root/car/a.jpg``): greyscale, bilevel or palette PNGs the
-size of their image, foreground where the value is > 0. An image without a mask file is all
-foreground (which leaves the masked losses unrestricted); ``meta["source_has_mask"]`` /
-``meta["target_has_mask"]`` flag it.
+size of their image, foreground where the value is > 0. Images and masks are read upright (their
+EXIF orientation applied, as an image viewer shows them), so a mask matches its image as seen.
+An image without a mask file is all foreground (which leaves the masked losses unrestricted);
+``meta["source_has_mask"]`` / ``meta["target_has_mask"]`` flag it.
 
 The training pairs are all ordered pairs ``(a, b)``, ``a != b``, of images of one category
 (``n (n - 1)`` for a category of ``n`` images), categories in sorted order. A category with fewer
@@ -49,9 +50,9 @@ from data_modules.pairs import to_tensor
 from data_modules.sampling import EpochShuffleSampler
 from data_modules.synthetic import IMAGE_SUFFIXES
 from guided_flow.errors import ConfigError, DataError
-from guided_flow.io.images import load_image
+from guided_flow.io.images import load_image, upright_image
 
-_RESIZE_RECIPE = "pil-bilinear-square+nearest-mask"  # part of the fingerprint
+_RESIZE_RECIPE = "pil-bilinear-square+nearest-mask+exif-upright"  # part of the fingerprint
 MASK_MODES = frozenset({"1", "L", "P"})
 
 
@@ -128,14 +129,15 @@ def mask_file(mask_dir: Path, relative: str) -> Path:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A greyscale, bilevel or palette PNG as an ``H x W`` uint8 foreground mask (value > 0)."""
+    """A greyscale, bilevel or palette PNG as an ``H x W`` uint8 foreground mask (value > 0),
+    upright by its EXIF orientation."""
     try:
         with Image.open(path) as image:
             if image.mode not in MASK_MODES:
                 raise DataError(
                     f"{path}: expected a greyscale or palette mask, got mode {image.mode}"
                 )
-            return (np.asarray(image) > 0).astype(np.uint8)
+            return (np.asarray(upright_image(image)) > 0).astype(np.uint8)
     except (OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{path}: cannot read the mask ({error})") from error
 

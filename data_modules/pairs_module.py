@@ -184,7 +184,7 @@ class PairsDataModule(SkippedPairsReport, pl.LightningDataModule):
         images = self.root / self.image_folder
         masks = self.mask_files(split)
         for relative in pairs.images:
-            image = load_image(images / relative)
+            image = load_image(images / relative, upright=False)  # keypoints: stored frame
             labels, mask_path = None, None
             if masks is not None:
                 mask_path = masks(relative)

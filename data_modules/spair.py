@@ -361,7 +361,7 @@ class SPairDataModule(PairsDataModule):
 
     def load_mask(self, path: Path) -> np.ndarray:
         """A ``Segmentation`` PNG as ``H x W`` uint8: 255 where any channel is non-zero, else 0."""
-        return (load_image(path).max(axis=-1) > 0).astype(np.uint8) * 255
+        return (load_image(path, upright=False).max(axis=-1) > 0).astype(np.uint8) * 255
 
     def make_dataset(self, split: str, pairs: SPairSplit, cache: ImageCache) -> Dataset:
         return SPairDataset(pairs, cache)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,20 +22,29 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from guided_flow.errors import GuidedFlowError, one_line
-from guided_flow.io.images import load_image, normalise, resize_image
+from guided_flow.errors import GuidedFlowError, MatchFailure, one_line
+from guided_flow.io.batches import read_in_batches
+from guided_flow.io.images import (
+    DEFAULT_MAX_PIXELS,
+    load_image,
+    normalise,
+    pil_to_rgb,
+    read_image,
+    resize_image,
+    scale_16bit,
+)
+from guided_flow.io.resample import upsample_flow, warp_picture
 from guided_flow.model.flow_model import GuidedFlowModel, ModelConfig
 from guided_flow.model.geometry import (
-    cell_positions,
     rescale_points,
     resize_scale,
-    sample_at,
     transfer_original_points,
 )
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 """A file path, a PIL image, an ``H x W (x 3|4)`` array or a ``(3|1) x H x W`` tensor; arrays
-and tensors are uint8 in 0..255 or float in [0, 1]."""
+and tensors are uint8 in 0..255, uint16 in 0..65535 or float in [0, 1]. Files and PIL images are
+turned upright by their EXIF orientation (:mod:`guided_flow.io.images`)."""
 
 _RANDOM_WEIGHTS_WARNING = "BACKBONE .* HAS RANDOM WEIGHTS"
 
@@ -71,15 +81,16 @@ class MatchResult:
     flow_input: np.ndarray
 
 
-def as_rgb(image: ImageInput) -> np.ndarray:
-    """Any :data:`ImageInput` -> ``H x W x 3`` uint8 RGB. Files are read with
-    :func:`~guided_flow.io.images.load_image` (a missing or unreadable file raises
-    :class:`~guided_flow.errors.DataError` naming it); grey images are repeated over the three
-    channels and alpha is dropped. Raises TypeError / ValueError for other types and shapes."""
+def as_rgb(image: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Any :data:`ImageInput` -> ``H x W x 3`` uint8 RGB, upright. Files are read with
+    :func:`~guided_flow.io.images.load_image` (a missing or unreadable file, or one of more than
+    ``max_pixels`` pixels, raises :class:`~guided_flow.errors.DataError` naming it); grey images
+    are repeated over the three channels, 16-bit ones scaled to 8 bits and alpha is dropped.
+    Raises TypeError / ValueError for other types and shapes."""
     if isinstance(image, str | os.PathLike):
-        return load_image(image)
+        return load_image(image, max_pixels=max_pixels)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        return pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"an image tensor must be 3 x H x W or 1 x H x W, got {image.shape}")
@@ -96,8 +107,12 @@ def as_rgb(image: ImageInput) -> np.ndarray:
         if not np.isfinite(array).all():
             raise ValueError("a float image must be finite (values in [0, 1])")
         array = np.rint(np.clip(array, 0.0, 1.0) * 255.0)
+    elif array.dtype == np.uint16:
+        array = scale_16bit(array)
     elif array.dtype != np.uint8:
-        raise ValueError(f"an image array must be uint8 or float in [0, 1], not {array.dtype}")
+        raise ValueError(
+            f"an image array must be uint8, uint16 or float in [0, 1], not {array.dtype}"
+        )
     rgb = np.broadcast_to(array[..., :3], (*array.shape[:2], 3))
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
@@ -126,24 +141,19 @@ def flow_to_original_pixels(
     ``flow_s2t``: ``2 x H x W`` input pixels (source input grid -> target input grid);
     ``source_size`` / ``target_size``: the original (H, W) of each image, which were resized
     (each with its own per-axis factors) to ``H x W``. Each original source pixel p goes to the
-    input grid (q = (p + 0.5) s_source - 0.5), takes the flow there (bilinear), and the matched
-    input position returns to the original target with the target's factors; the result is that
-    position minus p. Returns ``H_s x W_s x 2`` pixels, same dtype."""
-    positions = cell_positions(*source_size, device=flow_s2t.device, dtype=torch.float64)
-    matched = transfer_original_points(flow_s2t, positions, source_size, target_size)
-    return (matched - positions).to(flow_s2t.dtype).view(*source_size, 2)
+    input grid (q = (p + 0.5) s_source - 0.5), takes the flow there (bilinear, clamped to the
+    grid), and the matched input position returns to the original target with the target's
+    factors; the result is that position minus p. Returns ``H_s x W_s x 2`` pixels, same dtype,
+    computed a band of rows at a time (:func:`~guided_flow.io.resample.upsample_flow`)."""
+    return upsample_flow(flow_s2t, source_size, target_size)
 
 
 def warp_source(source: np.ndarray, flow_t2s: np.ndarray) -> np.ndarray:
     """The source warped onto the target: ``source`` (``H_s x W_s x 3`` uint8) bilinearly sampled
     at ``q + flow_t2s(q)`` for every target pixel q (``flow_t2s``: ``H_t x W_t x 2`` pixels).
-    Samples outside the source are black. Returns ``H_t x W_t x 3`` uint8."""
-    height, width = flow_t2s.shape[:2]
-    flow = torch.from_numpy(np.ascontiguousarray(flow_t2s, dtype=np.float32))
-    points = cell_positions(height, width).view(height, width, 2) + flow
-    pixels = torch.from_numpy(source).permute(2, 0, 1)[None].float()
-    warped = sample_at(pixels, points.view(1, -1, 2))[0].view(height, width, 3)
-    return warped.round().clamp(0, 255).to(torch.uint8).numpy()
+    Samples outside the source, and non-finite flows, are black. Returns ``H_t x W_t x 3`` uint8,
+    computed a band of rows at a time (:func:`~guided_flow.io.resample.warp_picture`)."""
+    return warp_picture(source, flow_t2s)
 
 
 # The weight-free method with no checkpoint: the flow base that scored best on held-out real
@@ -257,49 +267,36 @@ class GuidedSemanticFlow:
         pixels = torch.from_numpy(resized).permute(2, 0, 1).to(self.device, torch.float32)
         return normalise(pixels / 255.0)
 
+    def _picture(
+        self, image: ImageInput, max_pixels: int | None
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """The picture the network input is resized from, and the full upright (H, W): a JPEG
+        file is decoded at a reduced scale (Pillow's draft) that keeps twice the input size."""
+        if isinstance(image, str | os.PathLike):
+            side = 2 * max(self.input_size)
+            return read_image(image, max_pixels=max_pixels, min_side=side)
+        rgb = as_rgb(image)
+        return rgb, (rgb.shape[0], rgb.shape[1])
+
     def match(
-        self, source: ImageInput, target: ImageInput, source_kps: object | None = None
+        self,
+        source: ImageInput,
+        target: ImageInput,
+        source_kps: object | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> MatchResult:
         """Match ``source`` to ``target`` (see :data:`ImageInput`; any sizes) and transfer
-        ``source_kps`` (``K x 2`` (x, y) original source pixels, optional).
+        ``source_kps`` (``K x 2`` (x, y) original source pixels, optional). Pictures are upright
+        (EXIF orientation); files of more than ``max_pixels`` pixels (None: no limit) raise
+        :class:`~guided_flow.errors.DataError`.
 
         Returns a :class:`MatchResult` in original pixels."""
-        source_rgb, target_rgb = as_rgb(source), as_rgb(target)
+        pictures = [self._picture(image, max_pixels) for image in (source, target)]
+        inputs = torch.stack([self._network_input(rgb) for rgb, _ in pictures])
+        sizes = [size for _, size in pictures]
+        del pictures  # a big picture is not kept while its flow is upsampled
         kps = None if source_kps is None else as_points(source_kps)
-        source_size, target_size = source_rgb.shape[:2], target_rgb.shape[:2]
-        backbone = self.model.backbone
-        assert backbone is not None  # checked in __init__
-        with torch.inference_mode():
-            images = torch.stack((self._network_input(source_rgb), self._network_input(target_rgb)))
-            features = backbone(images)
-            # One batch, both directions: (source, target) and (target, source).
-            out = self.model.forward_features(features, features.flip(0))
-            flows = out.flow_pixels(self.input_size)  # 2 x 2 x H x W input pixels
-            flow_s2t = flow_to_original_pixels(flows[0], source_size, target_size)
-            flow_t2s = flow_to_original_pixels(flows[1], target_size, source_size)
-            best = out.refined_confidence[0].amax(dim=0)  # h x w: max over the target cells
-            confidence = F.interpolate(
-                best[None, None],
-                size=source_size,
-                mode="bilinear",
-                align_corners=False,
-            )[0, 0]
-            source_points, target_points = out.confident_matches(0, self.input_size)
-            matches = (
-                self._to_original(source_points, source_size),
-                self._to_original(target_points, target_size),
-            )
-            keypoints = (
-                None if kps is None else self._transfer(flows[0], kps, source_size, target_size)
-            )
-        return MatchResult(
-            flow_s2t=flow_s2t.cpu().numpy(),
-            flow_t2s=flow_t2s.cpu().numpy(),
-            confidence=confidence.cpu().numpy(),
-            confident_matches=matches,
-            keypoints=keypoints,
-            flow_input=flows[0].float().cpu().numpy(),
-        )
+        return self._match_batch([(inputs, sizes, kps)])[0]
 
     def _to_original(self, points: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         """``N x 2`` input pixels -> ``N x 2`` float32 pixels of an original image of
@@ -321,3 +318,48 @@ class GuidedSemanticFlow:
             return kps.copy()
         points = torch.from_numpy(kps).to(flow_s2t.device)
         return transfer_original_points(flow_s2t, points, source_size, target_size).cpu().numpy()
+
+    def match_many(
+        self,
+        pairs: Iterable[Sequence[Any]],
+        batch_size: int = 8,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> Iterator[MatchResult | MatchFailure]:
+        """Match each ``(source, target[, source_kps])`` of ``pairs`` as :meth:`match` does, the
+        network on ``batch_size`` pairs at a time. Yields, in order, each pair's
+        :class:`MatchResult`, or a :class:`~guided_flow.errors.MatchFailure` (``index``: its
+        0-based position) when it cannot be read; the others go on."""
+
+        def read(pair: Sequence[Any]) -> tuple[torch.Tensor, list[tuple[int, int]], Any]:
+            if isinstance(pair, str | os.PathLike) or len(pair) not in (2, 3):
+                raise TypeError("a pair is (source, target) or (source, target, source_kps)")
+            pictures = [self._picture(image, max_pixels) for image in pair[:2]]
+            kps = None if len(pair) == 2 or pair[2] is None else as_points(pair[2])
+            inputs = torch.stack([self._network_input(rgb) for rgb, _ in pictures])
+            return inputs, [size for _, size in pictures], kps
+
+        for batch in read_in_batches(pairs, batch_size, read):
+            yield from [batch] if isinstance(batch, MatchFailure) else self._match_batch(batch)
+
+    def _match_batch(self, batch: list[tuple[torch.Tensor, Any, Any]]) -> list[MatchResult]:
+        """B read pairs (``2 x 3 x H x W`` inputs, sizes, keypoints) -> their results (the one
+        computation of :meth:`match` and :meth:`match_many`)."""
+        backbone, count, size = self.model.backbone, len(batch), self.input_size
+        assert backbone is not None  # checked in __init__
+        results = []
+        with torch.inference_mode():
+            features = backbone(torch.cat([inputs for inputs, _, _ in batch]))  # s0 t0 s1 t1 ...
+            both = (features[0::2], features[1::2])
+            out = self.model.forward_features(torch.cat(both), torch.cat(both[::-1]))
+            flows = out.flow_pixels(size)  # 2B x 2 x H x W: pair i at i, its reverse at B + i
+            best = out.refined_confidence[:count].amax(dim=1)  # B x h x w
+            for i, (_, (s_size, t_size), kps) in enumerate(batch):
+                confidence = F.interpolate(best[i, None, None], s_size, mode="bilinear")[0, 0]
+                s2t = flow_to_original_pixels(flows[i], s_size, t_size).cpu().numpy()
+                t2s = flow_to_original_pixels(flows[count + i], t_size, s_size).cpu().numpy()
+                s_points, t_points = out.confident_matches(i, size)
+                matches = self._to_original(s_points, s_size), self._to_original(t_points, t_size)
+                kps = None if kps is None else self._transfer(flows[i], kps, s_size, t_size)
+                tau = flows[i].float().cpu().numpy()  # flow_input
+                results.append(MatchResult(s2t, t2s, confidence.cpu().numpy(), matches, kps, tau))
+        return results

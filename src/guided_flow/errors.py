@@ -24,3 +24,13 @@ class CacheError(DataError):
 
 class WeightsError(GuidedFlowError):
     """Backbone weights cannot be loaded (the message names the alternatives)."""
+
+
+class MatchFailure(GuidedFlowError):
+    """A pair that could not be matched, as :meth:`GuidedSemanticFlow.match_many` yields it in
+    place of its result: ``index`` is the pair's 0-based position among the pairs, the message
+    the one-line reason (naming the file), and ``__cause__`` the original error."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index

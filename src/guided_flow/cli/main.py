@@ -15,7 +15,6 @@ asked for:
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import uuid
@@ -26,8 +25,15 @@ import torch
 from jsonargparse import Namespace
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from guided_flow.cli.commands import (  # noqa: F401 (the command table, re-exported)
+    COMMANDS,
+    LIGHTNING_COMMANDS,
+    TOOL_COMMANDS,
+    main,
+    print_overview,
+)
 from guided_flow.cli.legacy import upgrade_arguments
-from guided_flow.errors import ConfigError, GuidedFlowError
+from guided_flow.errors import ConfigError
 from guided_flow.evaluation.keypoints import (
     EVAL_RESOLUTIONS,
     KPS_SAMPLINGS,
@@ -41,25 +47,6 @@ from guided_flow.training.callbacks import FlowWriter
 from guided_flow.training.evaluation_steps import EvaluationOptions, scalar_test_metrics
 from guided_flow.training.stages import GuidedFlowStage
 
-# Every command with its one-line description, in the order ``guided-flow --help`` lists them.
-COMMANDS = {
-    "fit": "train a stage (stage 1: the pruning net; stage 2: the matching net) from a config",
-    "validate": "score a trained model on a data module's validation pairs",
-    "test": "score a trained model on a benchmark; writes metrics.json, predictions, run.json",
-    "predict": "write the flow of every pair of a data module as .npy files",
-    "match": "dense flow between two images of any size, with figures, in original pixels",
-    "download": "fetch a benchmark (SPair-71k, PF-PASCAL, PF-WILLOW, Caltech-101) or say how",
-    "sweep": "run a W&B grid sweep file locally, one run folder per trial, with a heat map",
-    "export": "export the inference model to TorchScript or ONNX",
-}
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-# The project's own commands: name -> module whose ``main(argv) -> int`` runs it.
-TOOL_COMMANDS = {
-    "download": "guided_flow.cli.download",
-    "match": "guided_flow.cli.match",
-    "sweep": "guided_flow.cli.sweep",
-    "export": "guided_flow.cli.export",
-}
 # Model options (``--model.model.*``) that change only G', C', the flow base and which networks
 # are used (no weight depends on them): given on the command line, they override a checkpoint's
 # values.
@@ -312,15 +299,6 @@ def move_outputs_into(config: Namespace, run_dir: str) -> None:
             init_args["dirpath"] = rebased(init_args.get("dirpath"))
 
 
-def print_overview() -> None:
-    """``guided-flow --help``: every command with its one-line description."""
-    width = max(len(name) for name in COMMANDS)
-    lines = ["usage: guided-flow COMMAND [OPTIONS]   (guided-flow COMMAND --help for its options)"]
-    lines += ["", "Guided Semantic Flow: dense semantic correspondence.", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-    print("\n".join(lines))
-
-
 def run_lightning(args: list[str] | None = None) -> GuidedFlowCLI:
     """Run a Lightning subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
     return GuidedFlowCLI(
@@ -333,37 +311,11 @@ def run_lightning(args: list[str] | None = None) -> GuidedFlowCLI:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point."""
-    given = argv is not None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print_overview()
-        return 0 if argv else 2
-    try:
-        if argv and argv[0] in TOOL_COMMANDS:
-            return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
-        upgraded = upgrade_arguments(argv)
-        run_lightning(upgraded if given or upgraded != argv else None)
-    except Exception as error:
-        # Class instantiation inside the CLI wraps our errors: find ours in the chain.
-        own = _own_error(error)
-        if own is None:
-            raise
-        print(f"guided-flow: error: {own}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _own_error(error: BaseException | None) -> GuidedFlowError | None:
-    """The project's error that caused ``error`` (itself, or its cause or context), if any."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, GuidedFlowError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+def run_lightning_command(argv: list[str], given: bool) -> None:
+    """Run ``argv`` (a Lightning subcommand and its options, 0.1's names upgraded); ``given``:
+    the arguments came from a caller, not from ``sys.argv``."""
+    upgraded = upgrade_arguments(argv)
+    run_lightning(upgraded if given or upgraded != argv else None)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ pictures of any size and write, in their original pixels:
 
 The keypoint file holds ``[[x, y], ...]`` or ``{"keypoints": [[x, y], ...]}`` in original source
 pixels. Without ``--ckpt`` the untrained method runs on the embedded ImageNet backbone.
+
+``guided-flow match --pairs PAIRS.csv --out DIR [--batch-size N]`` matches every row of a CSV
+with one model, each pair into its own folder, with an overview page
+(:mod:`guided_flow.cli.match_batch`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from guided_flow.api import GuidedSemanticFlow, MatchResult, as_points, as_rgb, 
 from guided_flow.errors import ConfigError, DataError
 from guided_flow.io.atomic import write_json
 from guided_flow.io.flow_files import write_flo, write_flow_npy
+from guided_flow.io.images import DEFAULT_MAX_PIXELS
 from guided_flow.viz.drawing import draw_matches, flow_to_color, save_png
 from guided_flow.viz.match_page import write_match_page
 
@@ -46,8 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="guided-flow match",
         description="Dense semantic flow between two pictures of any size, in original pixels.",
     )
-    parser.add_argument("source", metavar="SOURCE", help="source image file")
-    parser.add_argument("target", metavar="TARGET", help="target image file")
+    parser.add_argument("source", metavar="SOURCE", nargs="?", help="source image file")
+    parser.add_argument("target", metavar="TARGET", nargs="?", help="target image file")
+    parser.add_argument(
+        "--pairs",
+        metavar="PAIRS.csv",
+        help="match many pairs instead: a CSV with the header source,target[,kps] (paths "
+        "absolute or relative to the CSV); each pair goes to DIR/<row>_<source stem>_<target "
+        "stem>/, with DIR/index.html listing them and DIR/failures.csv the pairs that failed",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=batch_size,
+        default=8,
+        metavar="N",
+        help="with --pairs: pairs per network batch (default 8)",
+    )
     parser.add_argument(
         "--ckpt", metavar="CKPT", help="guided-flow checkpoint (default: the untrained method)"
     )
@@ -70,7 +89,46 @@ def build_parser() -> argparse.ArgumentParser:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda when available, else cpu)",
     )
+    parser.add_argument(
+        "--max-pixels",
+        type=pixel_limit,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"refuse pictures of more than N pixels (default {DEFAULT_MAX_PIXELS}, Pillow's "
+        "decompression-bomb limit); 0 for no limit",
+    )
     return parser
+
+
+def pixel_limit(text: str) -> int | None:
+    """``--max-pixels``: a whole number of pixels, 0 for no limit (None)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels >= 0, got {text!r}")
+    return value or None
+
+
+def batch_size(text: str) -> int:
+    """``--batch-size``: a whole number of pairs >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pairs >= 1, got {text!r}")
+    return int(text)
+
+
+def load_matcher(args: argparse.Namespace) -> GuidedSemanticFlow:
+    """The matcher of ``--ckpt``, ``--input-size`` and ``--device``, saying which on stdout."""
+    if args.ckpt is None:
+        print(UNTRAINED_NOTE)
+        size = 320 if args.input_size is None else args.input_size
+        return GuidedSemanticFlow.untrained(input_size=size, device=args.device)
+    if args.input_size is not None:
+        raise ConfigError("--input-size applies without --ckpt only: a checkpoint fixes its own")
+    matcher = GuidedSemanticFlow.from_checkpoint(args.ckpt, map_location=args.device)
+    print(f"using the trained networks of {args.ckpt}")
+    return matcher
 
 
 def read_keypoints(path: str | Path) -> np.ndarray:
@@ -133,18 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     :class:`~guided_flow.errors.GuidedFlowError` subclasses naming the file (the console entry
     point prints them on one line and exits with code 2)."""
     args = build_parser().parse_args(argv)
-    source, target = as_rgb(args.source), as_rgb(args.target)
+    if args.pairs is not None:
+        from guided_flow.cli.match_batch import run_batch  # imports this module
+
+        return run_batch(args)
+    if args.source is None or args.target is None:
+        raise ConfigError("give SOURCE and TARGET, or --pairs PAIRS.csv for many pairs")
+    source, target = as_rgb(args.source, args.max_pixels), as_rgb(args.target, args.max_pixels)
     source_kps = None if args.kps is None else read_keypoints(args.kps)
-    if args.ckpt is None:
-        print(UNTRAINED_NOTE)
-        matcher = GuidedSemanticFlow.untrained(
-            input_size=320 if args.input_size is None else args.input_size, device=args.device
-        )
-    elif args.input_size is not None:
-        raise ConfigError("--input-size applies without --ckpt only: a checkpoint fixes its own")
-    else:
-        matcher = GuidedSemanticFlow.from_checkpoint(args.ckpt, map_location=args.device)
-        print(f"using the trained networks of {args.ckpt}")
+    matcher = load_matcher(args)
     result = matcher.match(source, target, source_kps)
     out_dir = Path(args.out)
     try:

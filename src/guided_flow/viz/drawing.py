@@ -22,6 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from guided_flow.io.atomic import atomic_open
 from guided_flow.io.flow_files import UNKNOWN_FLOW, flow_to_numpy
+from guided_flow.io.images import STREAMED_PNG_PIXELS, write_png
+from guided_flow.io.resample import band_rows
 from guided_flow.model.geometry import warp_by_flow
 
 _WHEEL_ANCHORS = np.array(
@@ -31,6 +33,7 @@ _WHEEL_ANCHORS = np.array(
 _WHEEL_STEPS = (15, 6, 4, 11, 13, 6)  # red-yellow, yellow-green, ..., magenta-red
 _TITLE_PAD = 2  # pixels around a panel title
 _PANEL_GAP = 4  # white pixels between panel tiles
+_COLOUR_BAND = 1 << 18  # pixels per band of rows in flow_to_color (float64 temporaries)
 
 
 def _colour_wheel() -> np.ndarray:
@@ -45,6 +48,7 @@ def _colour_wheel() -> np.ndarray:
 
 
 _WHEEL = _colour_wheel()
+_WHEEL_CHANNELS = [np.ascontiguousarray(_WHEEL[:, channel]) for channel in range(3)]
 
 
 def flow_to_color(flow: np.ndarray | torch.Tensor, max_norm: float | None = None) -> np.ndarray:
@@ -53,29 +57,52 @@ def flow_to_color(flow: np.ndarray | torch.Tensor, max_norm: float | None = None
     (pixels; default the largest known magnitude). Zero flow is white, +x red, +y (down) yellow,
     -x cyan, -y blue-violet; flows longer than ``max_norm`` keep full saturation and are darkened
     to 75 %; unknown flows (non-finite or beyond :data:`~guided_flow.io.flow_files.UNKNOWN_FLOW`)
-    are
-    black. The direction is spread over all 55 wheel entries, so the ring closes without a seam.
-    Returns ``H x W x 3`` uint8."""
-    array = flow_to_numpy(flow).astype(np.float64)
-    known = np.all(np.abs(array) <= UNKNOWN_FLOW, axis=-1)  # False for NaN and inf too
-    u = np.where(known, array[..., 0], 0.0)
-    v = np.where(known, array[..., 1], 0.0)
-    magnitude = np.hypot(u, v)
+    are black. The direction is spread over all 55 wheel entries, so the ring closes without a
+    seam. Computed a band of rows at a time (float64 within a band). Returns ``H x W x 3``
+    uint8."""
+    array = flow_to_numpy(flow)
+    height, width = array.shape[:2]
+    rows = max(1, _COLOUR_BAND // max(width, 1))
+    bands = [array[top : top + rows] for top in range(0, height, rows)]
     if max_norm is None:
-        max_norm = float(magnitude.max(initial=0.0))
+        max_norm = max((float(_known_uv(band)[3].max(initial=0.0)) for band in bands), default=0.0)
     elif max_norm <= 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
-    radius = (magnitude / max(max_norm, np.finfo(np.float64).eps))[..., None]
+    colours = np.empty((height, width, 3), dtype=np.uint8)
+    for top, band in zip(range(0, height, rows), bands, strict=True):
+        colours[top : top + rows] = _colour_band(band, max_norm)
+    return colours
 
+
+def _known_uv(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``h x w x 2`` flow -> (known, u, v, magnitude), ``h x w`` each, float64 with unknown
+    flows set to zero."""
+    u, v = flow[..., 0].astype(np.float64), flow[..., 1].astype(np.float64)
+    known = (np.abs(u) <= UNKNOWN_FLOW) & (np.abs(v) <= UNKNOWN_FLOW)  # False for NaN and inf
+    u[~known] = 0.0
+    v[~known] = 0.0
+    return known, u, v, np.hypot(u, v)
+
+
+def _colour_band(flow: np.ndarray, max_norm: float) -> np.ndarray:
+    """The wheel colours of a band of a flow (``h x w x 2``) at ``max_norm``: ``h x w x 3``,
+    one channel at a time."""
+    known, u, v, magnitude = _known_uv(flow)
+    radius = magnitude / max(max_norm, np.finfo(np.float64).eps)
+    inside = radius <= 1.0
     position = (np.arctan2(-v, -u) / np.pi + 1.0) / 2.0 * len(_WHEEL)  # in [0, 55]
     lower = np.floor(position)
-    frac = (position - lower)[..., None]
+    frac = position - lower
+    rest = 1.0 - frac
     k0 = lower.astype(np.int64) % len(_WHEEL)
-    hue = ((1.0 - frac) * _WHEEL[k0] + frac * _WHEEL[(k0 + 1) % len(_WHEEL)]) / 255.0
-
-    colour = np.where(radius <= 1.0, 1.0 - radius * (1.0 - hue), 0.75 * hue)
-    colour[~known] = 0.0
-    return np.rint(255.0 * colour).astype(np.uint8)
+    k1 = (k0 + 1) % len(_WHEEL)
+    colours = np.empty((*flow.shape[:2], 3), dtype=np.uint8)
+    for channel, wheel in enumerate(_WHEEL_CHANNELS):
+        hue = (rest * wheel.take(k0) + frac * wheel.take(k1)) / 255.0
+        colour = np.where(inside, 1.0 - radius * (1.0 - hue), 0.75 * hue)
+        colour[~known] = 0.0
+        colours[..., channel] = np.rint(255.0 * colour)
+    return colours
 
 
 def warp_image(image: np.ndarray, flow: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -135,7 +162,8 @@ def draw_matches(
     with black to the taller height, and join each match ``src_pts[i] -> trg_pts[i]`` (``N x 2``
     pixels in their own images) with a line in its own hue and a dot at each end. Matches with an
     end outside its image are skipped; of the rest at most ``max_lines``, evenly spaced in the
-    given order, are drawn. Returns ``max(Hs, Ht) x (Ws + Wt) x 3`` uint8."""
+    given order, are drawn. The lines are drawn a band of rows at a time, so that only the result
+    is as large as the canvas. Returns ``max(Hs, Ht) x (Ws + Wt) x 3`` uint8."""
     if max_lines < 0:
         raise ValueError(f"max_lines must be non-negative, got {max_lines}")
     src, trg = _as_rgb(source), _as_rgb(target)
@@ -150,17 +178,30 @@ def draw_matches(
     keep = np.flatnonzero(_inside(src_points, hs, ws) & _inside(trg_points, ht, wt))
     if len(keep) > max_lines:
         keep = keep[np.rint(np.linspace(0, len(keep) - 1, max_lines)).astype(np.int64)]
-    starts = src_points[keep]
-    ends = trg_points[keep] + np.array([ws, 0.0])
+    # Pillow draws at whole pixels, truncating coordinates: truncated first, they move with a band
+    # by whole pixels, so each band gets the pixels the whole canvas would.
+    starts, ends = src_points[keep], trg_points[keep] + np.array([ws, 0.0])
     colors = _distinct_colors(len(keep))
-
-    picture = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(picture)
-    for start, end, color in zip(starts, ends, colors, strict=True):
-        draw.line([tuple(start), tuple(end)], fill=tuple(int(c) for c in color), width=1)
-    _draw_dots(draw, starts, colors, radius=2)
-    _draw_dots(draw, ends, colors, radius=2)
-    return np.array(picture)
+    rows = 4 * band_rows(canvas.shape[1])
+    for top in range(0, canvas.shape[0], rows):
+        low, high = np.minimum(starts[:, 1], ends[:, 1]), np.maximum(starts[:, 1], ends[:, 1])
+        crossing = (high >= top - 2) & (low <= top + rows + 2)  # lines and dots in the band
+        if not crossing.any():
+            continue
+        band = Image.fromarray(canvas[top : top + rows])
+        draw = ImageDraw.Draw(band)
+        shift = np.array([0.0, top])
+        for start, end, color in zip(
+            np.trunc(starts[crossing]) - shift,
+            np.trunc(ends[crossing]) - shift,
+            colors[crossing],
+            strict=True,
+        ):
+            draw.line([tuple(start), tuple(end)], fill=tuple(int(c) for c in color), width=1)
+        _draw_dots(draw, starts[crossing], colors[crossing], radius=2, top=top)
+        _draw_dots(draw, ends[crossing], colors[crossing], radius=2, top=top)
+        canvas[top : top + rows] = np.asarray(band)
+    return canvas
 
 
 def panel(images: list[np.ndarray], titles: list[str], height: int | None = None) -> np.ndarray:
@@ -197,8 +238,12 @@ def panel(images: list[np.ndarray], titles: list[str], height: int | None = None
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write ``image`` (uint8 ``H x W x 3``) as a PNG at ``path`` atomically, creating parent
-    folders. Returns the path."""
+    folders; pictures past :data:`~guided_flow.io.images.STREAMED_PNG_PIXELS` are written a band
+    of rows at a time (:func:`~guided_flow.io.images.write_png`). Returns the path."""
     rgb = _as_rgb(image)
+    if rgb.shape[0] * rgb.shape[1] > STREAMED_PNG_PIXELS:
+        write_png(path, rgb)
+        return Path(path)
     with atomic_open(path) as handle:
         Image.fromarray(rgb).save(handle, format="PNG")
     return Path(path)
@@ -241,10 +286,10 @@ def _distinct_colors(n: int) -> np.ndarray:
 
 
 def _draw_dots(
-    draw: ImageDraw.ImageDraw, points: np.ndarray, colors: np.ndarray, radius: int
+    draw: ImageDraw.ImageDraw, points: np.ndarray, colors: np.ndarray, radius: int, top: int = 0
 ) -> None:
     """Draw filled discs with a white rim at ``points`` (``N x 2`` pixels) in ``colors``
-    (``N x 3`` uint8)."""
-    for (x, y), color in zip(points, colors, strict=True):
-        box = [x - radius, y - radius, x + radius, y + radius]
-        draw.ellipse(box, fill=tuple(int(c) for c in color), outline=(255, 255, 255))
+    (``N x 3`` uint8), on a band of a picture whose first row is row ``top``."""
+    boxes = np.trunc(np.concatenate((points - radius, points + radius), axis=1))  # as Pillow does
+    for box, color in zip(boxes - [0, top, 0, top], colors, strict=True):
+        draw.ellipse(box.tolist(), fill=tuple(int(c) for c in color), outline=(255, 255, 255))

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from guided_flow.io.resample import shrink_image
 from guided_flow.viz.html import (
     box,
     check_rgb,
@@ -21,6 +22,9 @@ from guided_flow.viz.html import (
 
 DISPLAY_SIZE = 480
 """Longest side, in CSS pixels, of each picture on the match page."""
+EMBEDDED_SIZE = 2 * DISPLAY_SIZE
+"""Longest side, in pixels, of the pictures embedded in the page (larger ones are shrunk: sharp
+on high-density screens, and a page of a few hundred kilobytes whatever the pictures' size)."""
 
 _MATCH_CSS = """
 #controls{margin-bottom:8px}#controls label{margin-right:16px}
@@ -135,7 +139,9 @@ def write_match_page(
     ``H_t x W_t x 3`` uint8 are the flow colours and the source warped onto the target;
     ``source_kps`` / ``target_kps`` ``K x 2`` are given and transferred keypoints (both or
     neither). The page's ``window.guidedFlow.transfer(x, y)`` maps original source pixels to
-    original target pixels like :meth:`GuidedSemanticFlow.match` maps keypoints."""
+    original target pixels like :meth:`GuidedSemanticFlow.match` maps keypoints. Pictures
+    larger than :data:`EMBEDDED_SIZE` are embedded shrunk; every position stays in original
+    pixels."""
     check_rgb("source_rgb", source_rgb)
     check_rgb("target_rgb", target_rgb)
     check_rgb("flow_rgb", flow_rgb, source_rgb.shape[:2])
@@ -165,11 +171,15 @@ def write_match_page(
     }
     show_s = fitted_size(source_rgb.shape[:2], DISPLAY_SIZE)
     show_t = fitted_size(target_rgb.shape[:2], DISPLAY_SIZE)
-    source = img("source-img", data_uri(source_rgb, "JPEG"), show_s) + img(
-        "flow-img", data_uri(flow_rgb, "PNG"), show_s, "hidden"
+    embedded = [
+        shrink_image(picture, EMBEDDED_SIZE)
+        for picture in (source_rgb, flow_rgb, target_rgb, warped_rgb)
+    ]
+    source = img("source-img", data_uri(embedded[0], "JPEG"), show_s) + img(
+        "flow-img", data_uri(embedded[1], "PNG"), show_s, "hidden"
     )
-    target = img("target-img", data_uri(target_rgb, "JPEG"), show_t) + img(
-        "warped-img", data_uri(warped_rgb, "JPEG"), show_t, 'style="opacity:0"'
+    target = img("target-img", data_uri(embedded[2], "JPEG"), show_t) + img(
+        "warped-img", data_uri(embedded[3], "JPEG"), show_t, 'style="opacity:0"'
     )
     no_kps = "" if len(kps[0]) else " disabled"
     body = (

@@ -1,0 +1,143 @@
+"""Resampling pictures and flows of any size a band of rows at a time, so that memory stays the
+result plus one band: flows upsampled from the network's grid to the original pictures, pictures
+warped by a flow, and pictures shrunk for display.
+
+Pictures are ``H x W x 3`` uint8; flows are ``2 x H x W`` tensors or ``H x W x 2`` arrays of
+(dx, dy) pixels; pixel centres are at integers.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+BAND_PIXELS = 1 << 20
+"""Pixels per band of rows (about a megapixel)."""
+
+
+def band_rows(width: int) -> int:
+    """Rows per band for pictures ``width`` pixels wide."""
+    return max(1, BAND_PIXELS // max(width, 1))
+
+
+def upsample_flow(
+    flow_s2t: torch.Tensor, source_size: tuple[int, int], target_size: tuple[int, int]
+) -> torch.Tensor:
+    """A flow on an input grid (``2 x H x W`` input pixels) -> the original source's flow into the
+    original target (``H_s x W_s x 2`` pixels, same dtype and device), both originals of
+    ``source_size`` / ``target_size`` = (H, W) having been resized to ``H x W`` with per-axis
+    factors s (source) and t (target).
+
+    Source pixel p reads the flow f at q = (p + 0.5) s - 0.5, clamped to the grid, which is what
+    bilinear resizing with ``align_corners=False`` samples; the match (q + f + 0.5) / t - 0.5
+    minus p is, per axis, f / t plus an offset of p alone. The rows are resized once
+    (``2 x H_s x W``), then each band to the full width, straight into the result."""
+    input_h, input_w = flow_s2t.shape[-2:]
+    (height, width), (target_h, target_w) = source_size, target_size
+    device, dtype = flow_s2t.device, flow_s2t.dtype
+    axes = []
+    for size, side, target_side in ((width, input_w, target_w), (height, input_h, target_h)):
+        scale, target_scale = side / size, side / target_side
+        p = torch.arange(size, device=device, dtype=torch.float64)
+        axes.append((target_scale, ((p + 0.5) * (scale / target_scale) - 0.5 - p).to(dtype)))
+    (scale_x, offset_x), (scale_y, offset_y) = axes
+    resize = partial(F.interpolate, mode="bilinear", align_corners=False)
+    rows = resize(flow_s2t[None], size=(height, input_w))  # 1 x 2 x H_s x W
+    result = torch.empty(height, width, 2, device=device, dtype=dtype)
+    band = band_rows(width)
+    for top in range(0, height, band):
+        strip = rows[:, :, top : top + band]  # same height: the identity along y
+        flow = resize(strip, size=(strip.shape[2], width))[0]
+        result[top : top + band, :, 0] = flow[0] / scale_x + offset_x
+        result[top : top + band, :, 1] = flow[1] / scale_y + offset_y[top : top + band, None]
+    return result
+
+
+def _sample_rows(pixels: torch.Tensor, points: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """``pixels`` (``H x W x 3`` uint8, ``W >= 2``) bilinearly sampled at ``points`` (``N x 2``
+    (x, y)) with ``grid_sample`` on the float copy of rows ``first..last`` (``last > first``),
+    zero outside: ``N x 3`` float32. Points must read no row of the picture outside them."""
+    crop = pixels[first : last + 1].permute(2, 0, 1)[None].float()
+    scale = points.new_tensor([2 / (pixels.shape[1] - 1), 2 / (last - first)])
+    grid = (points - points.new_tensor([0.0, float(first)])) * scale - 1
+    return F.grid_sample(crop, grid[None, None], align_corners=True)[0, :, 0].t()
+
+
+def warp_picture(source: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """``source`` (``H_s x W_s x 3`` uint8) bilinearly sampled at ``q + flow(q)`` for every pixel
+    q of the flow's grid (``flow``: ``H x W x 2`` pixels pointing into ``source``). Samples
+    outside ``source`` are black (zero padding, as ``grid_sample``), and so are non-finite flows.
+    Returns ``H x W x 3`` uint8.
+
+    The result is made a chunk of rows at a time. When the chunk's samples read a few source
+    rows (a smooth flow), those rows are converted to float and sampled by ``grid_sample`` at
+    once; otherwise the samples are sorted by the band of source rows they read (bands overlap
+    by one row) and each band is sampled in turn. Memory is the result plus a chunk and a band,
+    whatever the flow."""
+    height, width = flow.shape[:2]
+    if min(source.shape[:2]) < 2:  # zero rows or columns past the edge change nothing
+        padded = np.zeros((max(source.shape[0], 2), max(source.shape[1], 2), 3), np.uint8)
+        padded[: source.shape[0], : source.shape[1]] = source
+        source = padded
+    source_h, source_w = source.shape[:2]
+    pixels = torch.from_numpy(np.ascontiguousarray(source))
+    step = max(1, band_rows(source_w) - 1)  # band b reads rows b * step .. b * step + step
+    bands = -(-(source_h - 1) // step)
+    warped = np.empty((height, width, 3), dtype=np.uint8)
+    columns = torch.arange(width, dtype=torch.float32)
+    chunk = band_rows(width)
+    for top in range(0, height, chunk):
+        offsets = torch.from_numpy(np.array(flow[top : top + chunk], np.float32))
+        offsets[..., 0] += columns
+        offsets[..., 1] += torch.arange(top, top + len(offsets), dtype=torch.float32)[:, None]
+        points = offsets.view(-1, 2)  # (x, y) source positions of the chunk's pixels
+        x, y = points[:, 0], points[:, 1]
+        inside = (x > -1) & (x < source_w) & (y > -1) & (y < source_h)  # False for NaN
+        rows = y.nan_to_num(0).floor().clamp(0, source_h - 2)  # the first row each one reads
+        low = int(torch.where(inside, rows, source_h).min()) if inside.any() else source_h - 2
+        high = int(torch.where(inside, rows, 0).max()) + 1
+        samples = torch.zeros(len(points), 3)
+        if high - low <= 4 * step:  # a few rows: all at once
+            within = torch.where(inside[:, None], points, -2.0)  # -2: outside, black
+            samples = _sample_rows(pixels, within, low, max(high, low + 1))
+        else:
+            band = torch.where(inside, rows // step, bands).to(torch.int16).numpy()
+            order = torch.from_numpy(np.argsort(band, kind="stable"))  # a radix sort
+            counts = np.bincount(band, minlength=bands + 1)[:bands]
+            ends = np.cumsum(counts)
+            ordered = points.index_select(0, order[: int(ends[-1])])
+            found = torch.empty(len(ordered), 3)
+            for index in np.flatnonzero(counts):
+                begin, end, first = int(ends[index] - counts[index]), int(ends[index]), index * step
+                last = min(int(first) + step, source_h - 1)
+                found[begin:end] = _sample_rows(pixels, ordered[begin:end], int(first), last)
+            samples.index_copy_(0, order[: len(ordered)], found)
+        values = samples.round_().clamp_(0, 255).to(torch.uint8)
+        warped[top : top + len(offsets)] = values.view(len(offsets), width, 3).numpy()
+    return warped
+
+
+def shrink_image(rgb: np.ndarray, longest: int) -> np.ndarray:
+    """``rgb`` (``H x W x 3`` uint8) resized, keeping its aspect, so that its longest side is at
+    most ``longest`` pixels (returned as it is when it already is). A big picture is first
+    averaged over k x k blocks a band of rows at a time (keeping at least twice the final size),
+    then resized bilinearly, so it is never copied whole. Returns ``h x w x 3`` uint8."""
+    height, width = rgb.shape[:2]
+    if max(height, width) <= longest:
+        return rgb
+    scale = longest / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    factor = max(1, int(1 / scale) // 2)
+    if factor > 1:
+        rows = max(1, band_rows(width) // factor) * factor
+        reduced = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+        for top in range(0, height, rows):
+            band = Image.fromarray(np.ascontiguousarray(rgb[top : top + rows]))
+            reduced.paste(band.reduce(factor), (0, top // factor))
+    else:
+        reduced = Image.fromarray(rgb)
+    return np.asarray(reduced.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8).copy()
