@@ -15,6 +15,11 @@ one cell of the true match of i:
   valid source cell, with the dense ground truth;
 - on the real pairs of ``--willow-root`` (no stage saw a real pair), the source cells holding a
   keypoint, with the target keypoint as the truth, per class.
+
+On real pairs it also reports the *background share*: the fraction of all confident matches
+whose source cell lies outside the box of the source keypoints grown by one cell, for the
+untrained set, the trained set at equal density and the trained set at rho (the one the method
+uses: Q' > rho), with the trained set's density at rho beside it.
 """
 
 from __future__ import annotations
@@ -98,40 +103,77 @@ def keypoint_truth(batch: dict, grid: tuple[int, int]) -> tuple[torch.Tensor, to
     return truth, counted
 
 
+def keypoint_box_background(batch: dict, grid: tuple[int, int]) -> torch.Tensor:
+    """``B x 1 x h x w`` bool: source cells outside the box of the pair's valid source keypoints
+    grown by one cell (the background)."""
+    h, w = grid
+    stride = batch["source_image"].shape[-1] / w
+    cells = ((batch["source_kps"] + 0.5) / stride - 0.5).round()  # B x K x 2
+    valid = batch["kps_valid"][..., None]
+    low = torch.where(valid, cells, torch.full_like(cells, float("inf"))).amin(dim=1) - 1  # B x 2
+    high = torch.where(valid, cells, torch.full_like(cells, -float("inf"))).amax(dim=1) + 1
+    xs = torch.arange(w).view(1, 1, w)
+    ys = torch.arange(h).view(1, h, 1)
+    inside = (
+        (xs >= low[:, 0, None, None]) & (xs <= high[:, 0, None, None])
+        & (ys >= low[:, 1, None, None]) & (ys <= high[:, 1, None, None])
+    )  # fmt: skip
+    return ~inside[:, None]
+
+
+def background_counts(selected: torch.Tensor, background: torch.Tensor) -> list[torch.Tensor]:
+    """Per pair: confident matches, and those whose source cell is background."""
+    return [selected.flatten(1).sum(1), (selected & background).flatten(1).sum(1)]
+
+
 @torch.no_grad()
 def compare(
     model: GuidedFlowModel, batches: Iterable[dict], truth_of, by_category: bool = False
 ) -> dict:
     """Per category (``by_category``) or over ``"all"`` pairs: precision of the untrained (Q' = Q at
-    rho) and trained (equal density) confident sets, their match count and density."""
-    counts: dict[str, torch.Tensor] = {}  # category -> untrained n, hits; trained n, hits; cells
+    rho) and trained (equal density) confident sets, their match count and density; on keypoint
+    pairs (``by_category``) also the background shares."""
+    counts: dict[str, torch.Tensor] = {}  # category -> the columns of per_pair, summed
     for batch in batches:
         out = model(batch["source_image"], batch["target_image"], refine=False)
         truth, counted = truth_of(batch, model.grid)
         correct = correct_matches(truth, model.grid)
         untrained = confident_mask(out.confidence, model.rho)
         trained = matched_threshold_set(out.refined_confidence, untrained)
-        per_pair = torch.stack(
-            [
-                *precision(untrained, correct, counted),
-                *precision(trained, correct, counted),
-                (untrained.any(dim=1, keepdim=True) & counted).flatten(1).sum(1),
-                counted.flatten(1).sum(1),
-            ],
-            dim=1,
-        )  # B x 6
+        columns = [
+            *precision(untrained, correct, counted),
+            *precision(trained, correct, counted),
+            (untrained.any(dim=1, keepdim=True) & counted).flatten(1).sum(1),
+            counted.flatten(1).sum(1),
+        ]
+        if by_category:
+            background = keypoint_box_background(batch, model.grid)
+            at_rho = confident_mask(out.refined_confidence, model.rho)
+            for selected in (untrained, trained, at_rho):
+                columns += background_counts(selected, background)
+            columns.append(at_rho.any(dim=1).flatten(1).sum(1))
+            columns.append(untrained.any(dim=1).flatten(1).sum(1))
+        per_pair = torch.stack(columns, dim=1)  # B x 6 (x 14 with the background shares)
         groups = batch["category"] if by_category else ["all"] * len(per_pair)
         for category, row in zip(groups, per_pair, strict=True):
             counts[category] = counts.get(category, 0) + row
-    return {
-        category: {
+    result = {}
+    for category, c in sorted(counts.items()):
+        result[category] = {
             "untrained": round(float(c[1] / c[0].clamp(min=1)), 4),
             "trained": round(float(c[3] / c[2].clamp(min=1)), 4),
             "matches": int(c[0]),
             "density": round(float(c[4] / c[5].clamp(min=1)), 4),
         }
-        for category, c in sorted(counts.items())
-    }
+        if len(c) > 6:
+            result[category]["background_share"] = {
+                name: round(float(c[k + 1] / c[k].clamp(min=1)), 4)
+                for name, k in (("untrained", 6), ("trained", 8), ("trained_at_rho", 10))
+            }
+            result[category]["source_cells_at_rho"] = {
+                "trained": int(c[12]), "untrained": int(c[13])
+            }  # fmt: skip
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,7 +205,9 @@ def class_mean(folds: Mapping[str, dict]) -> list[dict]:
                 alpha: round(sum(row[alpha] for row in rows) / len(rows), 4) for alpha in ALPHAS
             }
         means.append(mean)
-    return means
+    rows = [row for fold in folds.values() for row in fold["untrained"]["per_category"].values()]
+    untrained = {alpha: round(sum(r[alpha] for r in rows) / len(rows), 4) for alpha in ALPHAS}
+    return [{**mean, UNTRAINED: untrained} for mean in means]
 
 
 def fold_mean(folds: Mapping[str, dict]) -> list[dict]:
@@ -297,20 +299,24 @@ def run(args: object, overrides: Mapping[str, object], folds: Sequence[str] | No
 
 
 def markdown_table(stored: Mapping) -> str:
-    """Each labelled run's fold-mean PCK@0.05 / @0.1 at its last step, beside the initial
-    checkpoint (step 0), the untrained model and the argmax of C, as a markdown table."""
+    """Each labelled run's fold-mean PCK@0.05 / @0.1 at its last step (for ``--unseen`` runs, the
+    mean over held-out classes, marked "unseen"), beside the initial checkpoint (step 0), the
+    untrained model and the argmax of C, as a markdown table."""
     rows = [
         "| run (steps) | tau | matching net off | pruning net off | G' | step 0 tau | untrained "
         "| argmax of C |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, labelled in stored["runs"].items():
-        first, last = labelled["mean"][0], labelled["mean"][-1]
+        unseen = labelled.get("protocol") == "unseen_category"
+        curve = labelled["class_mean"] if unseen else labelled["mean"]
+        first, last = curve[0], curve[-1]
 
         def cell(scores: Mapping) -> str:
             return " / ".join(f"{scores[alpha]:.3f}" for alpha in ALPHAS)
 
         cells = [last["gsf"], last["gsf_no_matching"], last["gsf_no_pruning"], last["guidance"]]
         cells += [first["gsf"], last[UNTRAINED], last["argmax"]]
-        rows.append(f"| {label} ({last['step']}) | " + " | ".join(map(cell, cells)) + " |")
+        name = f"{label} ({last['step']}{', unseen' if unseen else ''})"
+        rows.append(f"| {name} | " + " | ".join(map(cell, cells)) + " |")
     return "\n".join(rows)

@@ -197,3 +197,52 @@ def test_the_held_out_fit_trains_on_the_fold_tree_only(tmp_path):
     assert config["trainer"]["max_steps"] == 20 and config["trainer"]["logger"] is False
     (checkpoints,) = config["trainer"]["callbacks"]
     assert checkpoints["init_args"]["every_n_train_steps"] == 10
+
+
+def _benchmark_heldout():
+    spec = importlib.util.spec_from_file_location("heldout", ROOT / "benchmarks" / "heldout.py")
+    heldout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heldout)
+    return heldout
+
+
+def test_unseen_category_folds_hold_out_whole_categories_and_average_classes(tmp_path):
+    heldout = _benchmark_heldout()
+    root = tmp_path / "willow"
+    write_layout(root, {"car(G)": {"1.png": b"1"}, "car(M)": {"2.png": b"2"},
+                        "duck(S)": {"3.png": b"3"}})  # fmt: skip
+    assert heldout.category_folds(root) == {"car": ("car(G)", "car(M)"), "duck": ("duck(S)",)}
+
+    def scores(per_category):  # one record of every predictor with these per-class PCKs
+        pck = {c: {"pck@0.05": v / 2, "pck@0.1": v} for c, v in per_category.items()}
+        return {"step": 0, **{name: {"per_category": pck} for name in heldout.SCORED}}
+
+    folds = {
+        "car": {"records": [scores({"car(G)": 0.2, "car(M)": 0.4})],
+                "untrained": {"per_category": {"car(G)": {"pck@0.05": 0.0, "pck@0.1": 0.1},
+                                               "car(M)": {"pck@0.05": 0.0, "pck@0.1": 0.1}}}},
+        "duck": {"records": [scores({"duck(S)": 0.9})],
+                 "untrained": {"per_category": {"duck(S)": {"pck@0.05": 0.0, "pck@0.1": 0.4}}}},
+    }  # fmt: skip
+    (mean,) = heldout.class_mean(folds)
+    # each held-out class once: (0.2 + 0.4 + 0.9) / 3, not the fold mean (0.3 + 0.9) / 2
+    assert mean["gsf"]["pck@0.1"] == pytest.approx(0.5)
+    assert mean["gsf_untrained"]["pck@0.1"] == pytest.approx(0.2)
+
+
+def test_the_background_is_outside_the_source_keypoints_box_grown_by_one_cell():
+    spec = importlib.util.spec_from_file_location(
+        "confident_set", ROOT / "benchmarks" / "confident_set.py"
+    )
+    confident_set = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(confident_set)
+    batch = {
+        "source_image": torch.zeros(1, 3, 96, 96),  # a 6 x 6 grid of 16-pixel cells
+        "source_kps": torch.tensor([[[40.0, 40.0], [56.0, 40.0], [0.0, 0.0]]]),
+        "kps_valid": torch.tensor([[True, True, False]]),  # the padded (0, 0) does not count
+    }
+    background = confident_set.keypoint_box_background(batch, (6, 6))
+    # keypoints in cells x 2..3, y 2: the box grown by one cell is x 1..4, y 1..3
+    expected = torch.ones(6, 6, dtype=torch.bool)
+    expected[1:4, 1:5] = False
+    assert torch.equal(background[0, 0], expected)
