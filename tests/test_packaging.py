@@ -33,7 +33,7 @@ def test_dev_extra_and_console_script():
     for package in ("pytest", "hypothesis", "ruff", "matplotlib", "onnx", "onnxruntime"):
         assert package in dev
     assert _lines(cfg["options.entry_points"]["console_scripts"]) == [
-        "guided-flow = guided_flow.cli.main:main"
+        "guided-flow = guided_flow.cli.commands:main"
     ]
     assert "torch==2.14.1" in cfg["options"]["install_requires"]
     assert "torchvision==0.29.1" in cfg["options"]["install_requires"]
