@@ -59,6 +59,7 @@ from guided_flow.model import volumes
 from guided_flow.model.backbone import FeatureExtractor
 from guided_flow.model.flow_model import GuidedFlowModel
 from guided_flow.model.geometry import flow_cells_to_pixels
+from guided_flow.model.subcell import subcell_refinement
 from guided_flow.training.stages import MatchingStage, PruningStage
 
 RUNS = 10
@@ -206,6 +207,10 @@ def measure_components(
         "confidence": lambda: volumes.soft_mutual_confidence(volume),
         "pruning_net": lambda: model.pruning_net.refine(confidence),
         "guidance": guidance_steps,
+        "soft_argmax": lambda: volumes.guided_soft_argmax(
+            volume, guidance, model.c_m, model.soft_argmax_beta
+        ),
+        "subcell_refinement": lambda: subcell_refinement(guidance, source, target),
         "matching_input": lambda: model.matching_net_input(volume, guidance, guidance, source),
         "matching_net": lambda: guidance + model.matching_net(matching_input),
     }

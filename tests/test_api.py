@@ -154,17 +154,16 @@ def test_a_crop_is_found_at_its_offset_despite_an_anisotropic_resize(matcher):
     np.testing.assert_allclose(np.median(flow, axis=0), [-60.0, -100.0], atol=15.0)
 
 
+@pytest.mark.parametrize("input_size", [320, 640])
 @pytest.mark.parametrize(
-    "image", [textured_image(120, 200), skdata.chelsea()], ids=["generated", "photograph"]
+    "image",
+    [textured_image(120, 200), skdata.chelsea(), skdata.astronaut()],
+    ids=["generated", "photograph", "square"],
 )
-def test_the_weight_free_default_keeps_an_identity_pair_within_a_twentieth_of_a_cell(
-    matcher, image
-):
-    # S is a soft-argmax: its weights spill over the neighbours, unevenly only at the border
-    result = matcher.match(image, image)
-    cell = max(image.shape[:2]) / (SIZE // 16)  # original pixels per feature cell
-    assert np.abs(result.flow_s2t).max() < cell / 20
-    assert np.median(np.abs(result.flow_s2t)) < cell / 200
+def test_the_weight_free_default_gives_an_identity_pair_no_flow(image, input_size):
+    # S alone is pulled by alike neighbours and by windows the border cuts; refined, it is exact
+    result = GuidedSemanticFlow.untrained(input_size=input_size).match(image, image)
+    assert np.abs(result.flow_s2t).max() <= 0.05 and np.abs(result.flow_t2s).max() <= 0.05
 
 
 # --- construction -------------------------------------------------------------------------------

@@ -148,7 +148,12 @@ def test_without_refinement_the_flow_is_the_guidance():
 
 def test_soft_argmax_base_adds_the_residual_to_the_guided_soft_argmax():
     model = GuidedFlowModel(
-        None, grid=(10, 10), c_m=2.0, flow_base="soft_argmax", soft_argmax_beta=50.0
+        None,
+        grid=(10, 10),
+        c_m=2.0,
+        flow_base="soft_argmax",
+        soft_argmax_beta=50.0,
+        soft_argmax_refine=False,
     ).eval()
     with torch.no_grad():
         model.matching_net.body.conv8.bias.fill_(1.0)

@@ -7,6 +7,7 @@ from skimage import data as skdata
 from torch.utils.data import DataLoader
 
 from data_modules.warps import sample_warp_params, synthesize_pairs
+from guided_flow.api import GuidedSemanticFlow
 from guided_flow.errors import ConfigError
 from guided_flow.io.images import normalise, resize_image
 from guided_flow.model import ModelConfig
@@ -148,6 +149,18 @@ def test_a_checkpoint_written_before_the_flow_base_option_loads_as_tau_equals_g(
     assert loaded.model.flow_base == "guidance"
     restored = MatchingStage.load_from_checkpoint(path, map_location="cpu")
     assert (restored.model.flow_base, restored.model.soft_argmax_beta) == ("soft_argmax", 50.0)
+
+
+def test_a_checkpoint_written_before_the_refinement_option_keeps_its_unrefined_flow(tmp_path):
+    stage = MatchingStage.from_options(input_size=SIZE, flow_base="soft_argmax")
+    assert stage.model.soft_argmax_refine
+    path = save_stage_checkpoint(stage, tmp_path / "new.ckpt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    del checkpoint["hyper_parameters"]["model"]["soft_argmax_refine"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert not MatchingStage.load_from_checkpoint(tmp_path / "old.ckpt").model.soft_argmax_refine
+    assert not GuidedSemanticFlow.from_checkpoint(tmp_path / "old.ckpt").model.soft_argmax_refine
+    assert MatchingStage.load_from_checkpoint(path, map_location="cpu").model.soft_argmax_refine
 
 
 class _PairsOf(pl.LightningDataModule):

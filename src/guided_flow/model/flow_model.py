@@ -15,6 +15,7 @@ from guided_flow.model.backbone import FeatureExtractor
 from guided_flow.model.geometry import cell_positions, flow_cells_to_pixels
 from guided_flow.model.local_cost import local_correlation
 from guided_flow.model.networks import MatchingNet, PruningNet
+from guided_flow.model.subcell import subcell_refinement
 
 GUIDANCE_MODELS = ("translation", "affine")
 # What the matching residual is added to: tau = G' + M(C') (section 8) or the proposed
@@ -126,6 +127,11 @@ def check_network_options(
         )
 
 
+# Options whose default changed the flow after checkpoints were written without them: such a
+# checkpoint loads with the value it was trained and measured with.
+PREDATED_OPTIONS = {"soft_argmax_refine": False}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every option of :class:`GuidedFlowModel` (``--model.model.*`` on the command line).
@@ -147,6 +153,9 @@ class ModelConfig:
     ``"sigmoid"`` (the paper's Q' = Q sigmoid(z))
     or ``"relative"`` (proposed: Q' = min(1, Q sigmoid(z) / sigmoid(z0)), Q' = Q at
     initialisation with a live gradient), z starting at ``pruning_init_logit`` (z0).
+    ``soft_argmax_refine``: S is moved to the maximum of the bilinear cosine within one cell of
+    its nearest cell (proposed, :mod:`~guided_flow.model.subcell`; an identity pair gives
+    exactly zero flow).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -170,6 +179,7 @@ class ModelConfig:
     local_head: str = "conv"
     pruning_mask: str = "sigmoid"
     pruning_init_logit: float = 10.0
+    soft_argmax_refine: bool = True
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -191,9 +201,10 @@ class ModelConfig:
     @classmethod
     def from_hparams(cls, hparams: Mapping) -> ModelConfig:
         """The model options of a checkpoint's hyper-parameters, nested under ``"model"``
-        (0.2 and later) or flat (0.1); options a checkpoint predates take their defaults."""
+        (0.2 and later) or flat (0.1); options a checkpoint predates take the value that keeps
+        its flow (:data:`PREDATED_OPTIONS`), or else their defaults."""
         nested = hparams.get("model")
-        options = nested if isinstance(nested, Mapping) else hparams
+        options = {**PREDATED_OPTIONS, **(nested if isinstance(nested, Mapping) else hparams)}
         return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
 
@@ -203,7 +214,8 @@ class GuidedFlowModel(nn.Module):
     ``flow_base="soft_argmax"`` is the proposed tau = S + M(C'), S the soft-argmax of
     ``soft_argmax_beta`` C under the Gaussian of variance ``c_m`` around p_i + G'_i
     (:func:`~guided_flow.model.volumes.guided_soft_argmax`; weight-free, so an untrained model gives
-    S).
+    S), refined to sub-cell precision with ``soft_argmax_refine``
+    (:func:`~guided_flow.model.subcell.subcell_refinement`).
 
     ``grid`` is the feature grid (h, w); the networks' first and last layers have h*w channels,
     so the input size must be ``grid * backbone.stride``. ``backbone=None`` builds a model that
@@ -231,6 +243,7 @@ class GuidedFlowModel(nn.Module):
         pruning_mask: str = "sigmoid",
         pruning_init_logit: float = 10.0,
         feature_channels: int | None = None,
+        soft_argmax_refine: bool = True,
     ) -> None:
         super().__init__()
         check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model, flow_base, soft_argmax_beta)
@@ -240,6 +253,7 @@ class GuidedFlowModel(nn.Module):
         self.rho, self.c_p, self.c_m = rho, c_p, c_m
         self.window_n, self.guidance_model = window_n, guidance_model
         self.flow_base, self.soft_argmax_beta = flow_base, soft_argmax_beta
+        self.soft_argmax_refine = soft_argmax_refine
         self.use_pruning_net, self.use_matching_net = use_pruning_net, use_matching_net
         self.matching_input, self.local_radius = matching_input, local_radius
         self.local_base_flow, self.local_source_features = local_base_flow, local_source_features
@@ -292,6 +306,7 @@ class GuidedFlowModel(nn.Module):
             local_head=config.local_head,
             pruning_mask=config.pruning_mask,
             pruning_init_logit=config.pruning_init_logit,
+            soft_argmax_refine=config.soft_argmax_refine,
         )
 
     @property
@@ -368,6 +383,8 @@ class GuidedFlowModel(nn.Module):
         if refine:
             if self.flow_base == "soft_argmax":
                 flow = volumes.guided_soft_argmax(volume, guidance, self.c_m, self.soft_argmax_beta)
+                if self.soft_argmax_refine:
+                    flow = subcell_refinement(flow, source_features, target_features)
             if use_matching_net:
                 matching_input = self.matching_net_input(volume, guidance, flow, source_features)
                 flow = flow + self.matching_net(matching_input)

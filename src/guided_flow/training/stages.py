@@ -24,7 +24,7 @@ from typing_extensions import Self
 from guided_flow.errors import ConfigError, GuidedFlowError
 from guided_flow.model import losses
 from guided_flow.model.backbone import FeatureExtractor
-from guided_flow.model.flow_model import FlowOutput, GuidedFlowModel, ModelConfig
+from guided_flow.model.flow_model import PREDATED_OPTIONS, FlowOutput, GuidedFlowModel, ModelConfig
 from guided_flow.model.volumes import EPS
 from guided_flow.training.callbacks import validate_before_training
 from guided_flow.training.evaluation_steps import EvaluationSteps
@@ -134,10 +134,13 @@ class GuidedFlowStage(EvaluationSteps):
     @classmethod
     def upgrade_checkpoint(cls, checkpoint: dict) -> dict:
         """A checkpoint's hyper-parameters in this release's layout (in place; returns it):
-        0.1's flat options move into their groups, its class paths are renamed."""
+        0.1's flat options move into their groups, its class paths are renamed, and model
+        options it predates take the values that keep its flow (``PREDATED_OPTIONS``)."""
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict):
             upgraded = upgrade_stage_options(hparams)
+            if isinstance(upgraded.get("model"), Mapping):
+                upgraded["model"] = {**PREDATED_OPTIONS, **upgraded["model"]}
             if "_class_path" in upgraded:
                 upgraded["_class_path"] = upgrade_class_path(upgraded["_class_path"])
             checkpoint["hyper_parameters"] = upgraded

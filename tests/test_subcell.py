@@ -1,0 +1,119 @@
+"""Sub-cell refinement by the bilinear cosine (model/subcell.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from guided_flow.model import volumes
+from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.geometry import cell_positions, sample_at
+from guided_flow.model.subcell import bilinear_weights, patch_grams, subcell_refinement
+
+
+def smooth_features(h: int, w: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
+    """Unit features ``1 x dim x h x w`` that vary slowly over the grid, so neighbouring cells are
+    nearly alike (their cosine is about 0.99), as a backbone's are."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, dim, max(h // 4, 2), max(w // 4, 2), generator=generator)
+    fine = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
+    noise = 0.02 * torch.randn(1, dim, h, w, generator=generator)
+    return F.normalize(fine + noise, dim=1)
+
+
+def blend_cosine(source: torch.Tensor, target: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """cos(F^s_i, F^t(p_i + flow_i)) with F^t(q) the bilinear blend, by sampling: ``1 x h x w``."""
+    _, _, h, w = source.shape
+    points = cell_positions(h, w, dtype=flow.dtype)[None] + flow.flatten(2).transpose(1, 2)
+    blend = F.normalize(sample_at(target, points), dim=2)  # 1 x N x D
+    return (blend * source.flatten(2).transpose(1, 2)).sum(2).view(1, h, w)
+
+
+@pytest.mark.parametrize("size", [(20, 20), (20, 30), (40, 40), (7, 2)])
+def test_an_identity_pair_gets_exactly_zero_flow_from_any_start_within_half_a_cell(size):
+    h, w = size
+    features = smooth_features(h, w, seed=h + w).double()
+    start = 0.45 * (2 * torch.rand(1, 2, h, w, generator=torch.Generator().manual_seed(1)) - 1)
+    refined = subcell_refinement(start, features, features)
+    assert torch.equal(refined, torch.zeros_like(refined))
+
+
+def test_the_soft_argmax_alone_is_pulled_off_an_identity_pair_by_alike_neighbours():
+    # The bias the refinement removes: S on an identity pair of alike neighbours is not zero.
+    features = smooth_features(20, 20, seed=3)
+    volume = volumes.correlation(features, features)
+    soft = volumes.guided_soft_argmax(volume, torch.zeros(1, 2, 20, 20), 5.0, 50.0)
+    assert soft.abs().max() > 0.05
+    assert torch.equal(subcell_refinement(soft, features, features), torch.zeros_like(soft))
+
+
+def test_a_dyadic_sub_cell_shift_is_recovered_exactly():
+    # F^s_i is the target's blend at p_i + d itself, so the cosine is 1 there and only there.
+    h, w = 12, 14
+    generator = torch.Generator().manual_seed(5)
+    target = F.normalize(torch.randn(1, 32, h, w, generator=generator), dim=1)
+    shift = torch.tensor([0.25 + 1 / 64, -0.5 - 3 / 64], dtype=torch.float64)
+    points = cell_positions(h, w, dtype=torch.float64)[None] + shift
+    source = sample_at(target.double(), points).transpose(1, 2).reshape(1, 32, h, w)
+    noise = 2 * torch.rand(1, 2, h, w, dtype=torch.float64) - 1
+    start = shift.view(1, 2, 1, 1) + 0.45 * noise  # the match stays within one cell of n_i
+    refined = subcell_refinement(start, F.normalize(source, dim=1), target.double())
+    # Interior cells (the shifted point stays on the grid); within float64 rounding.
+    interior = refined[0, :, 1:-1, 1:-1]
+    assert torch.allclose(interior, shift.view(2, 1, 1).expand_as(interior), atol=1e-12)
+
+
+def test_the_result_beats_every_quarter_cell_candidate_and_stays_within_one_cell():
+    h, w = 9, 11
+    source, target = smooth_features(h, w, seed=7), smooth_features(h, w, seed=8)
+    start = 2.0 * torch.randn(1, 2, h, w, generator=torch.Generator().manual_seed(2))
+    refined = subcell_refinement(start, source, target).double()
+    source, target = source.double(), target.double()
+    positions = cell_positions(h, w, dtype=torch.float64).t().view(1, 2, h, w)
+    size = torch.tensor([w - 1.0, h - 1.0], dtype=torch.float64).view(1, 2, 1, 1)
+    nearest = torch.minimum((positions + start.double()).round().clamp_min(0), size)
+    landing = positions + refined
+    assert ((landing - nearest).abs() <= 1 + 1e-12).all()
+    assert (landing >= 0).all() and (landing <= size).all()
+    best = blend_cosine(source, target, refined)
+    ticks = torch.arange(-4, 5, dtype=torch.float64) / 4
+    for dy in ticks:
+        for dx in ticks:
+            candidate = nearest + torch.stack((dx, dy)).view(1, 2, 1, 1)
+            candidate = torch.minimum(candidate.clamp_min(0), size)
+            assert (best >= blend_cosine(source, target, candidate - positions) - 1e-12).all()
+
+
+def test_the_corner_weights_and_grams_match_their_definitions():
+    t = torch.tensor([[0.25, 1.0, 0.0], [0.5, 0.0, 1.0]])  # (tx, ty) x 3 points
+    expected = torch.tensor(
+        [[0.375, 0.0, 0.0], [0.125, 1.0, 0.0], [0.375, 0.0, 1.0], [0.125, 0.0, 0.0]]
+    )
+    assert torch.allclose(bilinear_weights(t), expected)
+    features = torch.randn(2, 5, 3, 4)
+    grams = patch_grams(features).view(2, 4, 4, 2, 3)
+    corners = [features[..., 1 + dy, 2 + dx] for dy in (0, 1) for dx in (0, 1)]  # patch (2, 1)
+    for k in range(4):
+        for m in range(4):
+            assert torch.allclose(grams[:, k, m, 1, 2], (corners[k] * corners[m]).sum(1))
+
+
+def test_the_gradient_passes_straight_through_to_the_flow():
+    features = smooth_features(6, 6, seed=9)
+    flow = (0.3 * torch.randn(1, 2, 6, 6)).requires_grad_()
+    weights = torch.randn(1, 2, 6, 6)
+    (subcell_refinement(flow, features, features) * weights).sum().backward()
+    assert torch.equal(flow.grad, weights)
+
+
+def test_the_model_refines_s_before_adding_the_residual_and_can_switch_it_off():
+    source, target = smooth_features(10, 10, seed=11), smooth_features(10, 10, seed=12)
+    model = GuidedFlowModel(None, grid=(10, 10), c_m=2.0, flow_base="soft_argmax").eval()
+    with torch.no_grad():
+        model.matching_net.body.conv8.bias.fill_(1.0)
+        out = model.forward_features(source, target)
+        soft = volumes.guided_soft_argmax(out.correlation, out.guidance, 2.0, 50.0)
+        assert torch.allclose(out.flow, subcell_refinement(soft, source, target) + 1.0, atol=1e-5)
+        model.soft_argmax_refine = False
+        assert torch.allclose(model.forward_features(source, target).flow, soft + 1.0, atol=1e-5)
