@@ -8,8 +8,7 @@ Pictures are ``H x W x 3`` uint8; flows are ``2 x H x W`` tensors or ``H x W x 2
 
 from __future__ import annotations
 
-from functools import partial
-
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,8 @@ from PIL import Image
 
 BAND_PIXELS = 1 << 20
 """Pixels per band of rows (about a megapixel)."""
+REMAP_MAX_SIDE = 32766
+"""The longest source side OpenCV's ``remap`` reads (it indexes with 16-bit integers)."""
 
 
 def band_rows(width: int) -> int:
@@ -34,27 +35,25 @@ def upsample_flow(
 
     Source pixel p reads the flow f at q = (p + 0.5) s - 0.5, clamped to the grid, which is what
     bilinear resizing with ``align_corners=False`` samples; the match (q + f + 0.5) / t - 0.5
-    minus p is, per axis, f / t plus an offset of p alone. The rows are resized once
-    (``2 x H_s x W``), then each band to the full width, straight into the result."""
+    minus p is, per axis, f / t plus an offset of p alone. So f / t is resized once (OpenCV's
+    bilinear resize on the CPU, which samples the same points with float32 weights) and the
+    offsets are added in place: memory is the result alone."""
     input_h, input_w = flow_s2t.shape[-2:]
     (height, width), (target_h, target_w) = source_size, target_size
-    device, dtype = flow_s2t.device, flow_s2t.dtype
+    dtype = np.float64 if flow_s2t.dtype == torch.float64 else np.float32
     axes = []
     for size, side, target_side in ((width, input_w, target_w), (height, input_h, target_h)):
         scale, target_scale = side / size, side / target_side
-        p = torch.arange(size, device=device, dtype=torch.float64)
-        axes.append((target_scale, ((p + 0.5) * (scale / target_scale) - 0.5 - p).to(dtype)))
+        p = np.arange(size, dtype=np.float64)
+        axes.append((target_scale, ((p + 0.5) * (scale / target_scale) - 0.5 - p).astype(dtype)))
     (scale_x, offset_x), (scale_y, offset_y) = axes
-    resize = partial(F.interpolate, mode="bilinear", align_corners=False)
-    rows = resize(flow_s2t[None], size=(height, input_w))  # 1 x 2 x H_s x W
-    result = torch.empty(height, width, 2, device=device, dtype=dtype)
-    band = band_rows(width)
-    for top in range(0, height, band):
-        strip = rows[:, :, top : top + band]  # same height: the identity along y
-        flow = resize(strip, size=(strip.shape[2], width))[0]
-        result[top : top + band, :, 0] = flow[0] / scale_x + offset_x
-        result[top : top + band, :, 1] = flow[1] / scale_y + offset_y[top : top + band, None]
-    return result
+    flow = flow_s2t.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
+    scaled = np.ascontiguousarray(flow / np.array([scale_x, scale_y]), dtype=dtype)
+    result = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
+    result = result.reshape(height, width, 2)  # OpenCV drops axes of length one
+    result[..., 0] += offset_x
+    result[..., 1] += offset_y[:, None]
+    return torch.from_numpy(result).to(flow_s2t.device, flow_s2t.dtype)
 
 
 def _sample_rows(pixels: torch.Tensor, points: torch.Tensor, first: int, last: int) -> torch.Tensor:
@@ -72,6 +71,30 @@ def warp_picture(source: np.ndarray, flow: np.ndarray) -> np.ndarray:
     q of the flow's grid (``flow``: ``H x W x 2`` pixels pointing into ``source``). Samples
     outside ``source`` are black (zero padding, as ``grid_sample``), and so are non-finite flows.
     Returns ``H x W x 3`` uint8.
+
+    OpenCV's ``remap`` (5.0 and later: exact bilinear weights for float positions) samples a
+    band of rows at a time. Sources with a side past its limit (:data:`REMAP_MAX_SIDE`) are
+    sampled by :func:`warp_picture_exactly`."""
+    if max(source.shape[:2]) > REMAP_MAX_SIDE:
+        return warp_picture_exactly(source, flow)
+    height, width = flow.shape[:2]
+    source = np.ascontiguousarray(source)
+    warped = np.empty((height, width, 3), dtype=np.uint8)
+    columns = np.arange(width, dtype=np.float32)
+    rows = band_rows(width)
+    for top in range(0, height, rows):
+        points = np.array(flow[top : top + rows], dtype=np.float32)  # h x W x 2, a copy
+        points[..., 0] += columns
+        points[..., 1] += np.arange(top, top + len(points), dtype=np.float32)[:, None]
+        np.nan_to_num(points, copy=False, nan=-2.0, posinf=-2.0, neginf=-2.0)  # -2: outside
+        warped[top : top + rows] = cv2.remap(
+            source, points, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        ).reshape(len(points), width, 3)
+    return warped
+
+
+def warp_picture_exactly(source: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """:func:`warp_picture` by ``grid_sample``, for sources of any size.
 
     The result is made a chunk of rows at a time. When the chunk's samples read a few source
     rows (a smooth flow), those rows are converted to float and sampled by ``grid_sample`` at
