@@ -10,7 +10,8 @@ fields with fine texture, quality 90) and measures, each in a fresh child proces
 resident memory (``ru_maxrss``) is its own:
 
 - ``cli``: ``guided-flow match SOURCE TARGET --out DIR`` (the untrained method, 320 px input)
-  through the console entry point, end to end: wall time and peak RSS;
+  through the console entry point, end to end: wall time and peak RSS (torch and OpenCV get
+  ``--threads`` threads);
 - ``api``: ``GuidedSemanticFlow().match(source_path, target_path)``, the Python API on the files;
 - ``stages``: the steps of the command one after the other, each timed: ``setup`` (building the
   model), ``decode`` (reading both files in full), ``network`` (``match`` on the two pictures
@@ -71,14 +72,14 @@ def child(mode: str, source: str, target: str, out: str) -> dict[str, float]:
     peak RSS in MB."""
     if mode == "cli":
         start = time.perf_counter()
-        from guided_flow.cli.main import main as console
+        from guided_flow.cli.commands import main as console  # the console script
 
         console(["match", source, target, "--out", out, "--device", "cpu"])
         return {"total": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}
     from guided_flow.api import GuidedSemanticFlow, as_rgb, warp_source
     from guided_flow.cli import match as match_command
     from guided_flow.io.images import resize_image
-    from guided_flow.viz.drawing import draw_matches, flow_to_color
+    from guided_flow.viz.drawing import draw_matches, flow_picture
 
     times: dict[str, float] = {}
     start = time.perf_counter()
@@ -105,7 +106,7 @@ def child(mode: str, source: str, target: str, out: str) -> dict[str, float]:
     colours, _ = timed(
         "draw",
         lambda: (
-            flow_to_color(result.flow_s2t),
+            flow_picture(result.flow_s2t),
             draw_matches(source_rgb, target_rgb, *result.confident_matches),
         ),
     )
@@ -143,9 +144,12 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, metavar=("MODE", "SOURCE", "TARGET", "OUT"))
     args = parser.parse_args()
     if args.child:
+        import cv2
         import torch
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
         print(json.dumps(child(*args.child)))
         return
     runs: dict[str, dict] = {}

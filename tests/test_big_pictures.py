@@ -207,3 +207,25 @@ def test_a_24_megapixel_phone_photo_gives_a_full_size_upright_flow(tmp_path):
     assert result.confidence.shape == (6000, 4000) and result.flow_t2s.shape == (40, 40, 2)
     assert np.isfinite(result.flow_s2t[::97, ::89]).all()
     assert images.DEFAULT_MAX_PIXELS > 6000 * 4000
+
+
+def test_a_big_smooth_flow_is_coloured_within_a_few_levels_of_every_pixel():
+    # Bilinear over a 4 x 4 grid, coloured at 50 samples a cell: what the default detail gives
+    # a network's 20 x 20 cell flow (1024 / 20)
+    flow = smooth_flow(400, 600, 30.0).permute(1, 2, 0).numpy()
+    exact = drawing.flow_to_color(flow).astype(int)
+    fast = drawing.flow_picture(flow, detail=200)
+    assert fast.shape == (400, 600, 3) and fast.dtype == np.uint8
+    error = np.abs(fast - exact)
+    assert error.max() <= 4 and np.percentile(error, 99.9) <= 2
+    np.testing.assert_array_equal(drawing.flow_picture(flow, detail=600), exact)  # no bigger
+    flow[10, 20] = np.nan  # unknown: coloured pixel by pixel, black there
+    np.testing.assert_array_equal(drawing.flow_picture(flow, detail=150), flow_to_color(flow))
+
+
+def test_a_map_is_upsampled_as_bilinear_resizing_does():
+    values = torch.rand(5, 7)
+    expected = torch.nn.functional.interpolate(values[None, None], (23, 11), mode="bilinear")
+    result = resample.upsample_map(values, (23, 11))
+    assert result.shape == (23, 11) and result.dtype == np.float32
+    np.testing.assert_allclose(result, expected[0, 0].numpy(), atol=1e-6)

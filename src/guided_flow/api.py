@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from guided_flow.errors import GuidedFlowError, MatchFailure, one_line
@@ -33,7 +32,7 @@ from guided_flow.io.images import (
     resize_image,
     scale_16bit,
 )
-from guided_flow.io.resample import upsample_flow, warp_picture
+from guided_flow.io.resample import upsample_flow, upsample_map, warp_picture
 from guided_flow.model.flow_model import GuidedFlowModel, ModelConfig
 from guided_flow.model.geometry import (
     rescale_points,
@@ -354,12 +353,12 @@ class GuidedSemanticFlow:
             flows = out.flow_pixels(size)  # 2B x 2 x H x W: pair i at i, its reverse at B + i
             best = out.refined_confidence[:count].amax(dim=1)  # B x h x w
             for i, (_, (s_size, t_size), kps) in enumerate(batch):
-                confidence = F.interpolate(best[i, None, None], s_size, mode="bilinear")[0, 0]
+                confidence = upsample_map(best[i], s_size)
                 s2t = flow_to_original_pixels(flows[i], s_size, t_size).cpu().numpy()
                 t2s = flow_to_original_pixels(flows[count + i], t_size, s_size).cpu().numpy()
                 s_points, t_points = out.confident_matches(i, size)
                 matches = self._to_original(s_points, s_size), self._to_original(t_points, t_size)
                 kps = None if kps is None else self._transfer(flows[i], kps, s_size, t_size)
                 tau = flows[i].float().cpu().numpy()  # flow_input
-                results.append(MatchResult(s2t, t2s, confidence.cpu().numpy(), matches, kps, tau))
+                results.append(MatchResult(s2t, t2s, confidence, matches, kps, tau))
         return results

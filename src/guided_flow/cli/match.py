@@ -34,7 +34,7 @@ from guided_flow.errors import ConfigError, DataError
 from guided_flow.io.atomic import write_json
 from guided_flow.io.flow_files import write_flo, write_flow_npy
 from guided_flow.io.images import DEFAULT_MAX_PIXELS
-from guided_flow.viz.drawing import draw_matches, flow_to_color, save_png
+from guided_flow.viz.drawing import draw_matches, flow_picture, save_png
 from guided_flow.viz.match_page import write_match_page
 
 UNTRAINED_NOTE = (
@@ -156,14 +156,16 @@ def write_results(
     source_kps: np.ndarray | None,
 ) -> list[str]:
     """Write the result files (module docstring) atomically into ``out_dir``; ``source`` and
-    ``target`` are the ``H x W x 3`` uint8 pictures. Returns the names written."""
-    warped = warp_source(source, result.flow_t2s)
-    colours = flow_to_color(result.flow_s2t)
-    save_png(out_dir / "warped.png", warped)
+    ``target`` are the ``H x W x 3`` uint8 pictures. Returns the names written. The matches
+    picture is dropped before the warped picture and the flow colours (kept for the page) are
+    made, so that a big pair never holds all three."""
+    save_png(out_dir / "matches.png", draw_matches(source, target, *result.confident_matches))
     write_flow_npy(out_dir / "flow_s2t.npy", result.flow_s2t)
     write_flo(out_dir / "flow_s2t.flo", result.flow_s2t)
+    warped = warp_source(source, result.flow_t2s)
+    save_png(out_dir / "warped.png", warped)
+    colours = flow_picture(result.flow_s2t)
     save_png(out_dir / "flow.png", colours)
-    save_png(out_dir / "matches.png", draw_matches(source, target, *result.confident_matches))
     names = ["warped.png", "flow_s2t.npy", "flow_s2t.flo", "flow.png", "matches.png"]
     if source_kps is not None:
         assert result.keypoints is not None  # the result of matching with source_kps

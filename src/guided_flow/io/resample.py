@@ -56,6 +56,13 @@ def upsample_flow(
     return torch.from_numpy(result).to(flow_s2t.device, flow_s2t.dtype)
 
 
+def upsample_map(values: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A map on a grid (``h x w``) bilinearly resized to ``size = (H, W)`` as resizing with
+    ``align_corners=False`` does (OpenCV's resize, on the CPU): ``H x W`` float32."""
+    small = np.ascontiguousarray(values.detach().to("cpu", torch.float32).numpy())
+    return cv2.resize(small, (size[1], size[0]), interpolation=cv2.INTER_LINEAR).reshape(size)
+
+
 def _sample_rows(pixels: torch.Tensor, points: torch.Tensor, first: int, last: int) -> torch.Tensor:
     """``pixels`` (``H x W x 3`` uint8, ``W >= 2``) bilinearly sampled at ``points`` (``N x 2``
     (x, y)) with ``grid_sample`` on the float copy of rows ``first..last`` (``last > first``),
@@ -86,10 +93,10 @@ def warp_picture(source: np.ndarray, flow: np.ndarray) -> np.ndarray:
         points = np.array(flow[top : top + rows], dtype=np.float32)  # h x W x 2, a copy
         points[..., 0] += columns
         points[..., 1] += np.arange(top, top + len(points), dtype=np.float32)[:, None]
-        np.nan_to_num(points, copy=False, nan=-2.0, posinf=-2.0, neginf=-2.0)  # -2: outside
-        warped[top : top + rows] = cv2.remap(
-            source, points, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-        ).reshape(len(points), width, 3)
+        if not np.isfinite(points.sum()):  # one fast pass in the common, finite case
+            np.nan_to_num(points, copy=False, nan=-2.0, posinf=-2.0, neginf=-2.0)  # outside
+        band = warped[top : top + rows]
+        cv2.remap(source, points, None, cv2.INTER_LINEAR, dst=band, borderValue=0)
     return warped
 
 
