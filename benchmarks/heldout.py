@@ -312,11 +312,12 @@ def markdown_table(stored: Mapping) -> str:
         curve = labelled["class_mean"] if unseen else labelled["mean"]
         first, last = curve[0], curve[-1]
 
-        def cell(scores: Mapping) -> str:
-            return " / ".join(f"{scores[alpha]:.3f}" for alpha in ALPHAS)
+        def cell(scores: Mapping | None) -> str:
+            return "" if scores is None else " / ".join(f"{scores[a]:.3f}" for a in ALPHAS)
 
         cells = [last["gsf"], last["gsf_no_matching"], last["gsf_no_pruning"], last["guidance"]]
-        cells += [first["gsf"], last[UNTRAINED], last["argmax"]]
+        untrained = next((scores[UNTRAINED] for scores in curve if UNTRAINED in scores), None)
+        cells += [first["gsf"], untrained, last["argmax"]]
         name = f"{label} ({last['step']}{', unseen' if unseen else ''})"
         rows.append(f"| {name} | " + " | ".join(map(cell, cells)) + " |")
     return "\n".join(rows)

@@ -117,3 +117,9 @@ def test_the_model_refines_s_before_adding_the_residual_and_can_switch_it_off():
         assert torch.allclose(out.flow, subcell_refinement(soft, source, target) + 1.0, atol=1e-5)
         model.soft_argmax_refine = False
         assert torch.allclose(model.forward_features(source, target).flow, soft + 1.0, atol=1e-5)
+
+
+def test_a_grid_one_cell_wide_is_returned_unchanged():
+    features = smooth_features(6, 1, seed=13)
+    flow = torch.full((1, 2, 6, 1), 0.3)
+    assert torch.equal(subcell_refinement(flow, features, features), flow)
