@@ -49,8 +49,8 @@ def upsample_flow(
     (scale_x, offset_x), (scale_y, offset_y) = axes
     flow = flow_s2t.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
     scaled = np.ascontiguousarray(flow / np.array([scale_x, scale_y]), dtype=dtype)
-    result = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
-    result = result.reshape(height, width, 2)  # OpenCV drops axes of length one
+    resized = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
+    result = np.asarray(resized, dtype=dtype).reshape(height, width, 2)  # OpenCV drops 1-axes
     result[..., 0] += offset_x
     result[..., 1] += offset_y[:, None]
     return torch.from_numpy(result).to(flow_s2t.device, flow_s2t.dtype)
