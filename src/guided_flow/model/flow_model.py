@@ -127,8 +127,7 @@ def check_network_options(
         )
 
 
-# Options whose default changed the flow after checkpoints were written without them: such a
-# checkpoint loads with the value it was trained and measured with.
+# New options that change the flow: a checkpoint written before them loads with these values.
 PREDATED_OPTIONS = {"soft_argmax_refine": False}
 
 
@@ -154,8 +153,7 @@ class ModelConfig:
     or ``"relative"`` (proposed: Q' = min(1, Q sigmoid(z) / sigmoid(z0)), Q' = Q at
     initialisation with a live gradient), z starting at ``pruning_init_logit`` (z0).
     ``soft_argmax_refine``: S is moved to the maximum of the bilinear cosine within one cell of
-    its nearest cell (proposed, :mod:`~guided_flow.model.subcell`; an identity pair gives
-    exactly zero flow).
+    its nearest cell (proposed, :mod:`~guided_flow.model.subcell`).
     """
 
     backbone: str = "efficientnet_lite0"
