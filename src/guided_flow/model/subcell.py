@@ -36,21 +36,19 @@ def bilinear_weights(t: torch.Tensor) -> torch.Tensor:
     return torch.stack(((1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty), dim=-2)
 
 
+CORNER_PAIRS = [(k, m) for k in range(4) for m in range(k, 4)]
+"""The 10 pairs k <= m of a patch's corners: the entries of its symmetric Gram matrix."""
+
+
 def patch_grams(features: torch.Tensor) -> torch.Tensor:
-    """Gram matrices of the corners of every patch of a grid: ``B x D x h x w`` (h, w >= 2) ->
-    ``B x 16 x (h-1)*(w-1)``, entry 4 k + l = <F_k, F_l>, patches in raster order of their
-    top-left corner."""
-    corners = [
-        features[..., dy : features.shape[-2] - 1 + dy, dx : features.shape[-1] - 1 + dx]
-        for dy in (0, 1)
-        for dx in (0, 1)
-    ]
-    dots = {
-        (k, m): (corners[k] * corners[m]).sum(dim=1).flatten(1)
-        for k in range(4)
-        for m in range(k, 4)
-    }
-    return torch.stack([dots[min(k, m), max(k, m)] for k in range(4) for m in range(4)], dim=1)
+    """The Gram matrices of the corners of every patch of a grid, once per pair of corners:
+    ``B x D x h x w`` (h, w >= 2) -> ``B x 10 x (h-1)*(w-1)``, entry j = <F_k, F_m> for
+    (k, m) = ``CORNER_PAIRS[j]``, patches in raster order of their top-left corner."""
+    h, w = features.shape[-2:]
+    corners = [features[..., dy : h - 1 + dy, dx : w - 1 + dx] for dy in (0, 1) for dx in (0, 1)]
+    return torch.stack(
+        [(corners[k] * corners[m]).sum(dim=1).flatten(1) for k, m in CORNER_PAIRS], dim=1
+    )
 
 
 def _lattice(radius: float, step: float, device: torch.device) -> torch.Tensor:
@@ -80,7 +78,9 @@ class _PatchScores:
         cells = (around[:, :, 1] * w + around[:, :, 0]).flatten(1)  # B x 9N
         neighbours = torch.gather(flat_target, 2, cells[:, None].expand(b, d, -1))
         self.dots = (neighbours.view(b, d, 9, -1) * flat_source[:, :, None]).sum(dim=1)
-        self.grams = patch_grams(target)  # B x 16 x (h-1)(w-1)
+        grams = patch_grams(target)  # B x 10 x (h-1)(w-1)
+        twice = torch.tensor([1.0 if k == m else 2.0 for k, m in CORNER_PAIRS], dtype=grams.dtype)
+        self.grams = grams * twice.to(grams.device)[None, :, None]  # off-diagonal pairs twice
 
     def best(self, candidates: torch.Tensor) -> torch.Tensor:
         """The best of ``candidates`` (``B x P x 2 x N`` target positions, clamped to within one
@@ -95,10 +95,11 @@ class _PatchScores:
         indices = torch.stack((first, first + 1, first + 3, first + 4), dim=2).reshape(b, -1, n)
         corner_dots = torch.gather(self.dots, 1, indices).view(b, p, 4, n)
         patch = (origin[:, :, 1] * (self.width - 1) + origin[:, :, 0]).long().reshape(b, 1, -1)
-        gram = torch.gather(self.grams, 2, patch.expand(b, 16, -1)).view(b, 4, 4, p, n)
+        gram = torch.gather(self.grams, 2, patch.expand(b, 10, -1)).view(b, 10, p, n)
         numerator = (weights * corner_dots).sum(dim=2)  # B x P x N
-        pairs = weights[:, :, :, None] * weights[:, :, None, :]  # B x P x 4 x 4 x N
-        squared_norm = (pairs * gram.permute(0, 3, 1, 2, 4)).sum(dim=(2, 3))
+        squared_norm = torch.zeros_like(numerator)
+        for j, (k, m) in enumerate(CORNER_PAIRS):  # w^T G w, over the 10 pairs k <= m
+            squared_norm.addcmul_(weights[:, :, k] * weights[:, :, m], gram[:, j])
         score = numerator / squared_norm.clamp_min(1e-24).sqrt()
         choice = score.argmax(dim=1)[:, None, None].expand(b, 1, 2, n)  # B x 1 x 2 x N
         return torch.gather(q, 1, choice)[:, 0]
