@@ -223,9 +223,14 @@ def test_a_big_smooth_flow_is_coloured_within_a_few_levels_of_every_pixel():
     np.testing.assert_array_equal(drawing.flow_picture(flow, detail=150), flow_to_color(flow))
 
 
-def test_a_map_is_upsampled_as_bilinear_resizing_does():
-    values = torch.rand(5, 7)
-    expected = torch.nn.functional.interpolate(values[None, None], (23, 11), mode="bilinear")
-    result = resample.upsample_map(values, (23, 11))
-    assert result.shape == (23, 11) and result.dtype == np.float32
-    np.testing.assert_allclose(result, expected[0, 0].numpy(), atol=1e-6)
+def test_maps_are_resized_as_bilinear_resizing_does():
+    values = torch.rand(5, 7, 3)
+    for channels in (1, 3):
+        given = values[..., :channels].squeeze(-1) if channels == 1 else values
+        expected = torch.nn.functional.interpolate(
+            values[None, ..., :channels].permute(0, 3, 1, 2), (23, 11), mode="bilinear"
+        )[0].permute(1, 2, 0)
+        result = resample.resize_bilinear(given.numpy(), (23, 11))
+        assert result.shape == (23, 11, 3)[: 2 if channels == 1 else 3]
+        assert result.dtype == np.float32
+        np.testing.assert_allclose(result, expected.squeeze(-1).numpy(), atol=1e-6)

@@ -32,7 +32,7 @@ from guided_flow.io.images import (
     resize_image,
     scale_16bit,
 )
-from guided_flow.io.resample import upsample_flow, upsample_map, warp_picture
+from guided_flow.io.resample import resize_bilinear, upsample_flow, warp_picture
 from guided_flow.model.flow_model import GuidedFlowModel, ModelConfig
 from guided_flow.model.geometry import (
     rescale_points,
@@ -353,7 +353,7 @@ class GuidedSemanticFlow:
             flows = out.flow_pixels(size)  # 2B x 2 x H x W: pair i at i, its reverse at B + i
             best = out.refined_confidence[:count].amax(dim=1)  # B x h x w
             for i, (_, (s_size, t_size), kps) in enumerate(batch):
-                confidence = upsample_map(best[i], s_size)
+                confidence = resize_bilinear(best[i].float().cpu().numpy(), s_size)
                 s2t = flow_to_original_pixels(flows[i], s_size, t_size).cpu().numpy()
                 t2s = flow_to_original_pixels(flows[count + i], t_size, s_size).cpu().numpy()
                 s_points, t_points = out.confident_matches(i, size)

@@ -25,6 +25,15 @@ def band_rows(width: int) -> int:
     return max(1, BAND_PIXELS // max(width, 1))
 
 
+def resize_bilinear(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``values`` (``h x w`` or ``h x w x C``) resized bilinearly to ``size = (H, W)``, sampling
+    what resizing with ``align_corners=False`` samples (OpenCV's resize): ``H x W [x C]``, same
+    dtype."""
+    size_xy = (size[1], size[0])
+    resized = cv2.resize(np.ascontiguousarray(values), size_xy, interpolation=cv2.INTER_LINEAR)
+    return np.asarray(resized, dtype=values.dtype).reshape(*size, *values.shape[2:])
+
+
 def upsample_flow(
     flow_s2t: torch.Tensor, source_size: tuple[int, int], target_size: tuple[int, int]
 ) -> torch.Tensor:
@@ -49,18 +58,10 @@ def upsample_flow(
     (scale_x, offset_x), (scale_y, offset_y) = axes
     flow = flow_s2t.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
     scaled = np.ascontiguousarray(flow / np.array([scale_x, scale_y]), dtype=dtype)
-    resized = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
-    result = np.asarray(resized, dtype=dtype).reshape(height, width, 2)  # OpenCV drops 1-axes
+    result = resize_bilinear(scaled, (height, width))
     result[..., 0] += offset_x
     result[..., 1] += offset_y[:, None]
     return torch.from_numpy(result).to(flow_s2t.device, flow_s2t.dtype)
-
-
-def upsample_map(values: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A map on a grid (``h x w``) bilinearly resized to ``size = (H, W)`` as resizing with
-    ``align_corners=False`` does (OpenCV's resize, on the CPU): ``H x W`` float32."""
-    small = np.ascontiguousarray(values.detach().to("cpu", torch.float32).numpy())
-    return cv2.resize(small, (size[1], size[0]), interpolation=cv2.INTER_LINEAR).reshape(size)
 
 
 def _sample_rows(pixels: torch.Tensor, points: torch.Tensor, first: int, last: int) -> torch.Tensor:

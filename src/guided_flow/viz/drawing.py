@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from guided_flow.io.atomic import atomic_open
 from guided_flow.io.flow_files import UNKNOWN_FLOW, flow_to_numpy
 from guided_flow.io.images import STREAMED_PNG_PIXELS, write_png
-from guided_flow.io.resample import band_rows
+from guided_flow.io.resample import band_rows, resize_bilinear
 from guided_flow.model.geometry import warp_by_flow
 
 _WHEEL_ANCHORS = np.array(
@@ -93,8 +93,7 @@ def flow_picture(flow: np.ndarray, detail: int = FLOW_PICTURE_DETAIL) -> np.ndar
     reduced = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], 2)
     if not np.isfinite(reduced).all():  # an unknown flow spreads over its averaged block
         return flow_to_color(flow)
-    colours = cv2.resize(flow_to_color(reduced), (width, height), interpolation=cv2.INTER_LINEAR)
-    return colours.reshape(height, width, 3)
+    return resize_bilinear(flow_to_color(reduced), (height, width))
 
 
 def _known_uv(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
