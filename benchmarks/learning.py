@@ -252,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=150.0, help="CPU seconds per input")
     parser.add_argument("--train-pairs", type=int, default=320)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--inputs", nargs="*", default=["global", "local", "local_encoder_decoder"]
-    )
+    parser.add_argument("--inputs", nargs="*", default=["global", "local", "local_encoder_decoder"])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.table:

@@ -306,6 +306,4 @@ def test_a_run_of_other_networks_starts_them_afresh_from_a_papers_checkpoint(tmp
         local.initialise_from_checkpoint()
     assert (local.model.matching_net.body.output_layer.bias == 0).all()  # fresh
     assert (local.model.pruning_net.body.conv8.bias == 3.0).all()  # loaded
-    torch.testing.assert_close(
-        local.model.backbone.state_dict(), paper.model.backbone.state_dict()
-    )
+    torch.testing.assert_close(local.model.backbone.state_dict(), paper.model.backbone.state_dict())

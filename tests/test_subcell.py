@@ -69,7 +69,7 @@ def test_a_dyadic_sub_cell_shift_is_recovered_exactly():
     assert torch.allclose(interior, shift.view(2, 1, 1).expand_as(interior), atol=1e-12)
 
 
-def test_the_result_beats_every_quarter_cell_candidate_and_stays_within_one_cell():
+def test_the_result_beats_every_quarter_cell_candidate_and_stays_within_half_a_cell():
     h, w = 9, 11
     source, target = smooth_features(h, w, seed=7), smooth_features(h, w, seed=8)
     start = 2.0 * torch.randn(1, 2, h, w, generator=torch.Generator().manual_seed(2))
@@ -77,17 +77,32 @@ def test_the_result_beats_every_quarter_cell_candidate_and_stays_within_one_cell
     source, target = source.double(), target.double()
     positions = cell_positions(h, w, dtype=torch.float64).t().view(1, 2, h, w)
     size = torch.tensor([w - 1.0, h - 1.0], dtype=torch.float64).view(1, 2, 1, 1)
-    nearest = torch.minimum((positions + start.double()).round().clamp_min(0), size)
+    start_landing = positions + start.double()
+    low = torch.minimum((start_landing - 0.5).clamp_min(0), size)
+    high = torch.minimum((start_landing + 0.5).clamp_min(0), size)
+    nearest = torch.minimum(start_landing.round().clamp_min(0), size)
     landing = positions + refined
-    assert ((landing - nearest).abs() <= 1 + 1e-12).all()
-    assert (landing >= 0).all() and (landing <= size).all()
+    assert ((landing >= low - 1e-12) & (landing <= high + 1e-12)).all()
     best = blend_cosine(source, target, refined)
     ticks = torch.arange(-4, 5, dtype=torch.float64) / 4
     for dy in ticks:
         for dx in ticks:
             candidate = nearest + torch.stack((dx, dy)).view(1, 2, 1, 1)
             candidate = torch.minimum(candidate.clamp_min(0), size)
-            assert (best >= blend_cosine(source, target, candidate - positions) - 1e-12).all()
+            inside = ((candidate >= low) & (candidate <= high)).all(dim=1)
+            rival = blend_cosine(source, target, candidate - positions)
+            assert (best[inside] >= rival[inside] - 1e-12).all()
+
+
+def test_a_better_match_past_half_a_cell_is_not_taken():
+    # The refinement corrects S's bias, it does not re-decide the match: an identity pair started
+    # 0.75 cell off moves towards zero but stops at the half-cell bound.
+    features = smooth_features(12, 12, seed=4).double()
+    start = torch.full((1, 2, 12, 12), 0.75, dtype=torch.float64)
+    refined = subcell_refinement(start, features, features)
+    assert ((refined[..., :-1, :-1] - 0.25).abs() <= 1e-12).all()
+    # Past the last cell the window is clamped to the grid: the border cell itself.
+    assert torch.equal(refined[0, 0, :, -1], torch.zeros(12, dtype=torch.float64))
 
 
 def test_the_corner_weights_and_grams_match_their_definitions():

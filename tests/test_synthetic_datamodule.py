@@ -59,7 +59,13 @@ def test_batches_follow_the_pair_schema(skimage_cache: Path) -> None:
     datamodule = make_datamodule(skimage_cache)
     batch = first_batch(datamodule, "val")
     assert set(batch) == {
-        "source_image", "target_image", "flow_s2t", "flow_valid", "index", "category", "meta",
+        "source_image",
+        "target_image",
+        "flow_s2t",
+        "flow_valid",
+        "index",
+        "category",
+        "meta",
     }
     assert batch["source_image"].shape == batch["target_image"].shape == (4, 3, SIZE, SIZE)
     assert batch["flow_s2t"].shape == (4, 2, SIZE, SIZE)
@@ -80,8 +86,10 @@ def test_batches_follow_the_pair_schema(skimage_cache: Path) -> None:
 def test_splits_hold_out_whole_images(skimage_cache: Path) -> None:
     datamodule = make_datamodule(skimage_cache, val_images=2, test_images=2)
     assert datamodule.cache.names == list(SKIMAGE_PHOTOS)
-    names = {split: {datamodule.cache.names[i] for i in dataset.image_ids}
-             for split, dataset in datamodule.datasets.items()}
+    names = {
+        split: {datamodule.cache.names[i] for i in dataset.image_ids}
+        for split, dataset in datamodule.datasets.items()
+    }
     assert names["val"] == {"chelsea", "camera"} and names["test"] == {"astronaut", "coffee"}
     assert {"motorcycle_left", "motorcycle_right"} <= names["train"]
     assert not names["train"] & (names["val"] | names["test"])
@@ -112,8 +120,9 @@ def test_training_warps_change_with_the_epoch(skimage_cache: Path) -> None:
         flows[epoch] = out["flow_s2t"]
     assert not torch.allclose(flows[0], flows[1])
     datamodule.trainer = SimpleNamespace(training=False, current_epoch=1)
-    assert torch.equal(datamodule.on_after_batch_transfer(dict(batch), 0)["meta"]["warp_key"],
-                       batch["index"])
+    assert torch.equal(
+        datamodule.on_after_batch_transfer(dict(batch), 0)["meta"]["warp_key"], batch["index"]
+    )
 
 
 class Recorder(pl.LightningModule):
@@ -142,13 +151,22 @@ class Recorder(pl.LightningModule):
 
 def test_trainer_runs_the_device_warp_with_epoch_keys(skimage_cache: Path) -> None:
     datamodule = SyntheticPairsDataModule(
-        cache_dir=str(skimage_cache), image_size=SIZE, batch_size=2, train_pairs_per_epoch=4,
+        cache_dir=str(skimage_cache),
+        image_size=SIZE,
+        batch_size=2,
+        train_pairs_per_epoch=4,
         val_pairs=2,
     )
     module = Recorder()
     trainer = pl.Trainer(
-        max_epochs=2, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=2,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)

@@ -188,14 +188,26 @@ def test_parameter_ranges_over_many_samples() -> None:
 
 
 def test_config_switches_parts_off_and_rejects_bad_values() -> None:
-    still = WarpConfig(max_translation=0, max_rotation_deg=0, min_scale=1, max_scale=1,
-                       max_tps_offset=0, tps_grid_size=4)
+    still = WarpConfig(
+        max_translation=0,
+        max_rotation_deg=0,
+        min_scale=1,
+        max_scale=1,
+        max_tps_offset=0,
+        tps_grid_size=4,
+    )
     params = sample_warp_params(0, torch.arange(3), still)
     assert params.tps_offsets.shape == (3, 16, 2)
     flow, valid = dense_flow(params, (32, 32))
     assert flow.abs().max() < 1e-4 and valid.all()
-    for bad in ({"max_translation": -0.1}, {"translation_sigma": 0}, {"min_scale": 1.3},
-                {"min_scale": 0}, {"tps_grid_size": 1}, {"max_tps_offset": -1}):
+    for bad in (
+        {"max_translation": -0.1},
+        {"translation_sigma": 0},
+        {"min_scale": 1.3},
+        {"min_scale": 0},
+        {"tps_grid_size": 1},
+        {"max_tps_offset": -1},
+    ):
         with pytest.raises(ConfigError):
             WarpConfig(**bad)
 

@@ -53,6 +53,8 @@ _RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
 }
+REDUCING_GAP = 3.0
+"""Shrinking factor past which :func:`resize_image` first reduces by a whole factor (Pillow)."""
 # EXIF orientation -> the transposition that makes the stored pixels upright (as
 # PIL.ImageOps.exif_transpose); 5 to 8 swap the axes.
 _UPRIGHT = {
@@ -205,7 +207,10 @@ def resize_image(
 ) -> np.ndarray:
     """Resize an ``H x W x 3`` or ``H x W`` uint8 array to ``size = (H', W')`` pixels (anisotropic
     when the aspect ratios differ). ``interpolation``: ``bilinear`` (antialiased when shrinking,
-    for images), ``bicubic`` or ``nearest`` (for masks and label maps). Returns uint8."""
+    for images), ``bicubic`` or ``nearest`` (for masks and label maps). A picture shrunk more
+    than :data:`REDUCING_GAP` times is first averaged over whole blocks of pixels (Pillow's
+    ``reducing_gap``), which Pillow documents as indistinguishable from the direct filter in
+    most cases, for a fraction of the time. Returns uint8."""
     if interpolation not in _RESAMPLING:
         choices = sorted(_RESAMPLING)
         raise ValueError(f"interpolation must be one of {choices}, not {interpolation!r}")
@@ -214,7 +219,9 @@ def resize_image(
     height, width = size
     if array.shape[:2] == (height, width):
         return array.copy()
-    resized = Image.fromarray(array).resize((width, height), resample=_RESAMPLING[interpolation])
+    resample = _RESAMPLING[interpolation]
+    gap = None if interpolation == "nearest" else REDUCING_GAP
+    resized = Image.fromarray(array).resize((width, height), resample=resample, reducing_gap=gap)
     return np.asarray(resized, dtype=np.uint8).copy()
 
 

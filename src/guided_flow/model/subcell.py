@@ -1,7 +1,7 @@
 """Sub-cell refinement of a flow by the bilinear cosine (a proposed formulation).
 
-For each source cell i the refined match is the target position q, within one cell of the cell
-n_i nearest to the flow's target, that maximises the cosine between F^s_i and F^t(q), the bilinear
+For each source cell i the refined match is the target position q, within half a cell of the
+flow's target (and on the grid), that maximises the cosine between F^s_i and F^t(q), the bilinear
 blend of the four target features around q (the blend L_M samples). In a patch with corners
 k = 00, 10, 01, 11 and bilinear weights w(t), t in [0, 1]^2,
 
@@ -13,8 +13,11 @@ the blend is parallel to F^s_i, so an identity pair gets exactly zero flow howev
 neighbouring cells are and wherever the border is. A soft-argmax, by contrast, is pulled by every
 similar neighbour and by a window the border cuts.
 
-The maximum is searched coarse to fine on dyadic lattices (steps 1/4, 1/16, 1/64 cell, each
-9 x 9 around the previous best), so whole cells are always candidates and positions stay exact.
+The search is kept within half a cell of the flow's target so that it corrects a soft-argmax's
+bias (at most a fifth of a cell on an identity pair) without re-deciding the match. It runs
+coarse to fine on dyadic lattices around the cell n_i nearest to the target (steps 1/4, 1/16,
+1/64 cell, each 9 x 9 around the previous best), so whole cells are candidates and positions
+stay exact; candidates past the half-cell bound never win. n_i itself is always within it.
 Scores are computed in float64: near-duplicate neighbours (<F_i, F_j> = 1 - 1e-4) lower the score
 a sixty-fourth of a cell away by about 1e-8, below float32's resolution.
 """
@@ -24,6 +27,9 @@ from __future__ import annotations
 import torch
 
 from guided_flow.model.geometry import cell_positions
+
+SEARCH_RADIUS = 0.5
+"""How far, in cells along each axis, the refined target may move from the flow's target."""
 
 # (radius, step) of each search level in cells; steps are powers of two, so sums stay exact.
 SEARCH_LEVELS = ((1.0, 0.25), (0.25, 0.0625), (0.0625, 0.015625))
@@ -60,17 +66,28 @@ def _lattice(radius: float, step: float, device: torch.device) -> torch.Tensor:
 
 
 class _PatchScores:
-    """The score of target positions for every source cell, within one cell of its n_i.
+    """The score of target positions for every source cell, within ``SEARCH_RADIUS`` of its
+    flow's target.
 
-    ``source``, ``target``: float64 features ``B x D x h x w``; ``nearest``: n_i ``B x 2 x N``
-    (whole cells on the grid, (x, y)).
+    ``source``, ``target``: float64 features ``B x D x h x w``; ``landing``: the flow's targets
+    ``B x 2 x N`` (cells, (x, y)); ``nearest``: n_i, the cells nearest to them on the grid.
     """
 
-    def __init__(self, source: torch.Tensor, target: torch.Tensor, nearest: torch.Tensor) -> None:
+    def __init__(
+        self,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        landing: torch.Tensor,
+        nearest: torch.Tensor,
+    ) -> None:
         b, d, h, w = target.shape
         self.width, self.nearest = w, nearest
         size = nearest.new_tensor([w - 1, h - 1])[None, :, None]
+        # Patches are taken among the 3 x 3 cells around n_i, which hold the half-cell window.
         self.low, self.high = (nearest - 1).clamp_min(0), torch.minimum(nearest + 1, size)
+        # Clamped to the grid on both sides, so a target past the border gets the border cell.
+        self.search_low = torch.minimum((landing - SEARCH_RADIUS).clamp_min(0), size)
+        self.search_high = torch.minimum((landing + SEARCH_RADIUS).clamp_min(0), size)
         # <F^s_i, F^t_j> for the 3 x 3 cells j around n_i (clamped to the grid): B x 9 x N.
         flat_source, flat_target = source.reshape(b, d, -1), target.reshape(b, d, -1)
         offsets = _lattice(1.0, 1.0, nearest.device).long()  # 9 x 2 x 1, (dx, dy), raster order
@@ -84,7 +101,8 @@ class _PatchScores:
 
     def best(self, candidates: torch.Tensor) -> torch.Tensor:
         """The best of ``candidates`` (``B x P x 2 x N`` target positions, clamped to within one
-        cell of n_i and to the grid) for each source cell: ``B x 2 x N``."""
+        cell of n_i and to the grid; those outside the search window never win) for each source
+        cell: ``B x 2 x N``."""
         q = torch.maximum(torch.minimum(candidates, self.high[:, None]), self.low[:, None])
         origin = torch.maximum(torch.minimum(q.floor(), self.high[:, None] - 1), self.low[:, None])
         weights = bilinear_weights(q - origin)  # B x P x 4 x N
@@ -101,6 +119,8 @@ class _PatchScores:
         for j, (k, m) in enumerate(CORNER_PAIRS):  # w^T G w, over the 10 pairs k <= m
             squared_norm.addcmul_(weights[:, :, k] * weights[:, :, m], gram[:, j])
         score = numerator / squared_norm.clamp_min(1e-24).sqrt()
+        inside = ((q >= self.search_low[:, None]) & (q <= self.search_high[:, None])).all(dim=2)
+        score = score.masked_fill(~inside, -torch.inf)
         choice = score.argmax(dim=1)[:, None, None].expand(b, 1, 2, n)  # B x 1 x 2 x N
         return torch.gather(q, 1, choice)[:, 0]
 
@@ -108,7 +128,7 @@ class _PatchScores:
 def subcell_refinement(
     flow: torch.Tensor, source_features: torch.Tensor, target_features: torch.Tensor
 ) -> torch.Tensor:
-    """Refine a flow to the maximum of the bilinear cosine within one cell of its nearest cell
+    """Refine a flow to the maximum of the bilinear cosine within half a cell of its target
     (proposed formulation; the module docstring has the criterion).
 
     The result is piecewise constant in the features, so it is returned straight-through,
@@ -127,7 +147,7 @@ def subcell_refinement(
     landing = positions + flow.detach().double().reshape(b, 2, -1)  # B x 2 x N
     nearest = torch.minimum(landing.round().clamp_min(0), size)
     source, target = source_features.detach().double(), target_features.detach().double()
-    scores = _PatchScores(source, target, nearest)
+    scores = _PatchScores(source, target, landing, nearest)
     best = nearest
     for radius, step in SEARCH_LEVELS:
         best = scores.best(best[:, None] + _lattice(radius, step, flow.device))

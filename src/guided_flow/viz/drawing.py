@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from guided_flow.io.atomic import atomic_open
 from guided_flow.io.flow_files import UNKNOWN_FLOW, flow_to_numpy
 from guided_flow.io.images import STREAMED_PNG_PIXELS, write_png
-from guided_flow.io.resample import band_rows, resize_bilinear
+from guided_flow.io.resample import resize_bilinear
 from guided_flow.model.geometry import warp_by_flow
 
 _WHEEL_ANCHORS = np.array(
@@ -35,7 +35,7 @@ _WHEEL_STEPS = (15, 6, 4, 11, 13, 6)  # red-yellow, yellow-green, ..., magenta-r
 _TITLE_PAD = 2  # pixels around a panel title
 _PANEL_GAP = 4  # white pixels between panel tiles
 _COLOUR_BAND = 1 << 18  # pixels per band of rows in flow_to_color (float64 temporaries)
-FLOW_PICTURE_DETAIL = 1024
+FLOW_PICTURE_DETAIL = 512
 """The longest side at which :func:`flow_picture` colours a bigger flow."""
 
 
@@ -168,9 +168,9 @@ def draw_keypoints(
     if len(colors) != len(points):
         raise ValueError(f"{len(points)} keypoints but {len(colors)} colours")
     keep = _inside(points, *rgb.shape[:2])
-    canvas = Image.fromarray(rgb)
-    _draw_dots(ImageDraw.Draw(canvas), points[keep], colors[keep], radius)
-    return np.array(canvas)
+    canvas = rgb.copy()
+    _draw_dots(canvas, points[keep], colors[keep], radius)
+    return canvas
 
 
 def draw_matches(
@@ -184,8 +184,8 @@ def draw_matches(
     with black to the taller height, and join each match ``src_pts[i] -> trg_pts[i]`` (``N x 2``
     pixels in their own images) with a line in its own hue and a dot at each end. Matches with an
     end outside its image are skipped; of the rest at most ``max_lines``, evenly spaced in the
-    given order, are drawn. The lines are drawn a band of rows at a time, so that only the result
-    is as large as the canvas. Returns ``max(Hs, Ht) x (Ws + Wt) x 3`` uint8."""
+    given order, are drawn, in place on the canvas (OpenCV), so that a big pair is copied once.
+    Returns ``max(Hs, Ht) x (Ws + Wt) x 3`` uint8."""
     if max_lines < 0:
         raise ValueError(f"max_lines must be non-negative, got {max_lines}")
     src, trg = _as_rgb(source), _as_rgb(target)
@@ -193,36 +193,19 @@ def draw_matches(
     if len(src_points) != len(trg_points):
         raise ValueError(f"{len(src_points)} source points but {len(trg_points)} target points")
     (hs, ws), (ht, wt) = src.shape[:2], trg.shape[:2]
-    canvas = np.zeros((max(hs, ht), ws + wt, 3), dtype=np.uint8)
-    canvas[:hs, :ws] = src
-    canvas[:ht, ws:] = trg
+    canvas = np.empty((max(hs, ht), ws + wt, 3), dtype=np.uint8)
+    canvas[:hs, :ws], canvas[hs:, :ws] = src, 0
+    canvas[:ht, ws:], canvas[ht:, ws:] = trg, 0
 
     keep = np.flatnonzero(_inside(src_points, hs, ws) & _inside(trg_points, ht, wt))
     if len(keep) > max_lines:
         keep = keep[np.rint(np.linspace(0, len(keep) - 1, max_lines)).astype(np.int64)]
-    # Pillow draws at whole pixels, truncating coordinates: truncated first, they move with a band
-    # by whole pixels, so each band gets the pixels the whole canvas would.
-    starts, ends = src_points[keep], trg_points[keep] + np.array([ws, 0.0])
+    starts, ends = np.trunc(src_points[keep]), np.trunc(trg_points[keep] + np.array([ws, 0.0]))
     colors = _distinct_colors(len(keep))
-    rows = 4 * band_rows(canvas.shape[1])
-    for top in range(0, canvas.shape[0], rows):
-        low, high = np.minimum(starts[:, 1], ends[:, 1]), np.maximum(starts[:, 1], ends[:, 1])
-        crossing = (high >= top - 2) & (low <= top + rows + 2)  # lines and dots in the band
-        if not crossing.any():
-            continue
-        band = Image.fromarray(canvas[top : top + rows])
-        draw = ImageDraw.Draw(band)
-        shift = np.array([0.0, top])
-        for start, end, color in zip(
-            np.trunc(starts[crossing]) - shift,
-            np.trunc(ends[crossing]) - shift,
-            colors[crossing],
-            strict=True,
-        ):
-            draw.line([tuple(start), tuple(end)], fill=tuple(int(c) for c in color), width=1)
-        _draw_dots(draw, starts[crossing], colors[crossing], radius=2, top=top)
-        _draw_dots(draw, ends[crossing], colors[crossing], radius=2, top=top)
-        canvas[top : top + rows] = np.asarray(band)
+    for start, end, color in zip(starts.astype(int), ends.astype(int), colors, strict=True):
+        cv2.line(canvas, tuple(start.tolist()), tuple(end.tolist()), color.tolist(), 1)
+    _draw_dots(canvas, starts, colors, radius=2)
+    _draw_dots(canvas, ends, colors, radius=2)
     return canvas
 
 
@@ -307,11 +290,10 @@ def _distinct_colors(n: int) -> np.ndarray:
     return _WHEEL[np.arange(n) * len(_WHEEL) // max(n, 1)].astype(np.uint8)
 
 
-def _draw_dots(
-    draw: ImageDraw.ImageDraw, points: np.ndarray, colors: np.ndarray, radius: int, top: int = 0
-) -> None:
-    """Draw filled discs with a white rim at ``points`` (``N x 2`` pixels) in ``colors``
-    (``N x 3`` uint8), on a band of a picture whose first row is row ``top``."""
-    boxes = np.trunc(np.concatenate((points - radius, points + radius), axis=1))  # as Pillow does
-    for box, color in zip(boxes - [0, top, 0, top], colors, strict=True):
-        draw.ellipse(box.tolist(), fill=tuple(int(c) for c in color), outline=(255, 255, 255))
+def _draw_dots(canvas: np.ndarray, points: np.ndarray, colors: np.ndarray, radius: int) -> None:
+    """Draw filled discs with a white rim at ``points`` (``N x 2`` pixels, truncated to whole
+    pixels) in ``colors`` (``N x 3`` uint8), in place on ``canvas`` (``H x W x 3`` uint8)."""
+    for point, color in zip(np.trunc(points).astype(int), colors, strict=True):
+        centre = tuple(point.tolist())
+        cv2.circle(canvas, centre, radius, color.tolist(), thickness=-1)
+        cv2.circle(canvas, centre, radius, (255, 255, 255), thickness=1)
