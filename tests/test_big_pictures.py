@@ -210,14 +210,14 @@ def test_a_24_megapixel_phone_photo_gives_a_full_size_upright_flow(tmp_path):
 
 
 def test_a_big_smooth_flow_is_coloured_within_a_few_levels_of_every_pixel():
-    # Bilinear over a 4 x 4 grid, coloured at 50 samples a cell: what the default detail gives
-    # a network's 20 x 20 cell flow (1024 / 20)
+    # Bilinear over a 4 x 4 grid, coloured at 25 samples a cell: what the default detail gives
+    # a network's 20 x 20 cell flow (512 / 20)
     flow = smooth_flow(400, 600, 30.0).permute(1, 2, 0).numpy()
     exact = drawing.flow_to_color(flow).astype(int)
-    fast = drawing.flow_picture(flow, detail=200)
+    fast = drawing.flow_picture(flow, detail=100)
     assert fast.shape == (400, 600, 3) and fast.dtype == np.uint8
     error = np.abs(fast - exact)
-    assert error.max() <= 4 and np.percentile(error, 99.9) <= 2
+    assert error.max() <= 8 and np.percentile(error, 99.9) <= 4 and error.mean() < 0.25
     np.testing.assert_array_equal(drawing.flow_picture(flow, detail=600), exact)  # no bigger
     flow[10, 20] = np.nan  # unknown: coloured pixel by pixel, black there
     np.testing.assert_array_equal(drawing.flow_picture(flow, detail=150), flow_to_color(flow))

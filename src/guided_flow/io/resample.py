@@ -34,6 +34,22 @@ def resize_bilinear(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized, dtype=values.dtype).reshape(*size, *values.shape[2:])
 
 
+def _offset_terms(
+    size: int, side: int, target_side: int
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Along one axis of :func:`upsample_flow`: the target's factor t, the linear term added on
+    the input grid, and the original pixels where resizing clamps to the grid with the
+    correction each needs (float64)."""
+    scale, target_scale = side / size, side / target_side
+    slope = 1 / target_scale - 1 / scale
+    p = np.arange(size, dtype=np.float64)
+    q = (p + 0.5) * scale - 0.5
+    clamped = np.flatnonzero((q < 0) | (q > side - 1))
+    offset = (p[clamped] + 0.5) * (scale / target_scale) - 0.5 - p[clamped]
+    correction = offset - (np.clip(q[clamped], 0, side - 1) + 0.5) * slope
+    return target_scale, (np.arange(side) + 0.5) * slope, clamped, correction
+
+
 def upsample_flow(
     flow_s2t: torch.Tensor, source_size: tuple[int, int], target_size: tuple[int, int]
 ) -> torch.Tensor:
@@ -44,23 +60,22 @@ def upsample_flow(
 
     Source pixel p reads the flow f at q = (p + 0.5) s - 0.5, clamped to the grid, which is what
     bilinear resizing with ``align_corners=False`` samples; the match (q + f + 0.5) / t - 0.5
-    minus p is, per axis, f / t plus an offset of p alone. So f / t is resized once (OpenCV's
-    bilinear resize on the CPU, which samples the same points with float32 weights) and the
-    offsets are added in place: memory is the result alone."""
+    minus p is, per axis, f / t + (q + 0.5) (1 / t - 1 / s). Both terms are resized at once
+    from the input grid (OpenCV's bilinear resize on the CPU, which samples the same points
+    with float32 weights and keeps a linear term exact), and the few pixels where q is clamped
+    to the grid get the rest of their offset: memory is the result alone, written once."""
     input_h, input_w = flow_s2t.shape[-2:]
     (height, width), (target_h, target_w) = source_size, target_size
     dtype = np.float64 if flow_s2t.dtype == torch.float64 else np.float32
-    axes = []
-    for size, side, target_side in ((width, input_w, target_w), (height, input_h, target_h)):
-        scale, target_scale = side / size, side / target_side
-        p = np.arange(size, dtype=np.float64)
-        axes.append((target_scale, ((p + 0.5) * (scale / target_scale) - 0.5 - p).astype(dtype)))
-    (scale_x, offset_x), (scale_y, offset_y) = axes
+    scale_x, term_x, clamped_x, correction_x = _offset_terms(width, input_w, target_w)
+    scale_y, term_y, clamped_y, correction_y = _offset_terms(height, input_h, target_h)
     flow = flow_s2t.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
-    scaled = np.ascontiguousarray(flow / np.array([scale_x, scale_y]), dtype=dtype)
-    result = resize_bilinear(scaled, (height, width))
-    result[..., 0] += offset_x
-    result[..., 1] += offset_y[:, None]
+    scaled = flow / np.array([scale_x, scale_y])
+    scaled[..., 0] += term_x
+    scaled[..., 1] += term_y[:, None]
+    result = resize_bilinear(np.ascontiguousarray(scaled, dtype=dtype), (height, width))
+    result[:, clamped_x, 0] += correction_x.astype(dtype)
+    result[clamped_y, :, 1] += correction_y.astype(dtype)[:, None]
     return torch.from_numpy(result).to(flow_s2t.device, flow_s2t.dtype)
 
 
@@ -88,15 +103,18 @@ def warp_picture(source: np.ndarray, flow: np.ndarray) -> np.ndarray:
     height, width = flow.shape[:2]
     source = np.ascontiguousarray(source)
     warped = np.empty((height, width, 3), dtype=np.uint8)
-    columns = np.arange(width, dtype=np.float32)
-    rows = band_rows(width)
+    rows = min(band_rows(width), height)
+    grid = np.empty((rows, width, 2), dtype=np.float32)  # (x, y) of a band's pixels, y from 0
+    grid[..., 0] = np.arange(width, dtype=np.float32)
+    grid[..., 1] = np.arange(rows, dtype=np.float32)[:, None]
+    buffer = np.empty_like(grid)
     for top in range(0, height, rows):
-        points = np.array(flow[top : top + rows], dtype=np.float32)  # h x W x 2, a copy
-        points[..., 0] += columns
-        points[..., 1] += np.arange(top, top + len(points), dtype=np.float32)[:, None]
+        count = min(rows, height - top)
+        points = np.add(flow[top : top + count], grid[:count], out=buffer[:count])
+        points[..., 1] += top
         if not np.isfinite(points.sum()):  # one fast pass in the common, finite case
             np.nan_to_num(points, copy=False, nan=-2.0, posinf=-2.0, neginf=-2.0)  # outside
-        band = warped[top : top + rows]
+        band = warped[top : top + count]
         cv2.remap(source, points, None, cv2.INTER_LINEAR, dst=band, borderValue=0)
     return warped
 

@@ -79,20 +79,17 @@ def flow_to_color(flow: np.ndarray | torch.Tensor, max_norm: float | None = None
 
 def flow_picture(flow: np.ndarray, detail: int = FLOW_PICTURE_DETAIL) -> np.ndarray:
     """:func:`flow_to_color` of a flow that is smooth at ``detail`` pixels along its longest
-    side, as a network's flow resized to a big picture is: such a flow is averaged down to that
-    size (OpenCV's area resize), coloured, and the colours are resized back bilinearly: within
-    a few levels of colouring every pixel (most within one), for a fraction of the time. Flows
-    no bigger, and flows with unknown values, are coloured pixel by pixel. ``H x W x 2`` ->
-    ``H x W x 3`` uint8."""
+    side, as a network's flow resized to a big picture is: such a flow is sampled bilinearly at
+    that size, coloured, and the colours are resized back bilinearly: within a few levels of
+    colouring every pixel (most within one), for a fraction of the time. Flows no bigger, and
+    flows with unknown values, are coloured pixel by pixel. ``H x W x 2`` -> ``H x W x 3``
+    uint8."""
     height, width = flow.shape[:2]
-    if max(height, width) <= detail:
+    if max(height, width) <= detail or not np.isfinite(flow.sum()):  # sum: one fast pass
         return flow_to_color(flow)
     scale = detail / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    pixels = np.ascontiguousarray(flow, dtype=np.float32)
-    reduced = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], 2)
-    if not np.isfinite(reduced).all():  # an unknown flow spreads over its averaged block
-        return flow_to_color(flow)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    reduced = resize_bilinear(np.asarray(flow, dtype=np.float32), size)
     return resize_bilinear(flow_to_color(reduced), (height, width))
 
 
