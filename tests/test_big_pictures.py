@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -147,6 +149,31 @@ def test_big_pngs_are_streamed_and_read_back_exactly(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["saved.png"]  # atomic
     with pytest.raises(ValueError, match="H x W x 3 uint8"):
         write_png(tmp_path / "grey.png", picture[..., 0])
+
+
+@pytest.mark.parametrize("block_rows", [1, 9, 15, 45, 256])
+def test_a_png_compressed_band_by_band_is_one_valid_zlib_stream(tmp_path, block_rows):
+    picture = np.random.default_rng(4).integers(0, 256, (45, 31, 3), dtype=np.uint8)
+    picture[10:30] = 7  # compressible rows too
+    write_png(tmp_path / "bands.png", picture, block_rows=block_rows)
+    data, position, stream = (tmp_path / "bands.png").read_bytes(), 8, b""
+    while position < len(data):  # the chunks: length, type, payload, CRC
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind, payload = (
+            data[position + 4 : position + 8],
+            data[position + 8 : position + 8 + length],
+        )
+        assert (
+            zlib.crc32(kind + payload) == struct.unpack(">I", data[position + 8 + length :][:4])[0]
+        )
+        stream += payload if kind == b"IDAT" else b""
+        position += 12 + length
+    rows = np.frombuffer(zlib.decompress(stream), np.uint8).reshape(
+        45, 31 * 3 + 1
+    )  # checks Adler-32
+    assert (rows[:, 0] == 2).all()
+    unfiltered = np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8)  # the Up filter undone
+    np.testing.assert_array_equal(unfiltered.reshape(45, 31, 3), picture)
 
 
 def test_shrinking_keeps_the_aspect_and_the_colours():
