@@ -32,6 +32,7 @@ import yaml
 
 from data_modules.heldout import HeldOutFold, classes, make_fold
 from data_modules.pf_willow import PFWillowDataModule
+from guided_flow.cli.main import TEST_TIME_OPTIONS
 from guided_flow.cli.main import main as guided_flow
 from guided_flow.evaluation.keypoints import KeypointEvaluator
 from guided_flow.io.atomic import atomic_open
@@ -56,6 +57,16 @@ def set_option(config: dict, dotted: str, value: object) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
     node[keys[-1]] = value
+
+
+def apply_test_time_overrides(model: GuidedFlowModel, overrides: Mapping[str, object]) -> None:
+    """Set on ``model`` the overridden model options that no weight depends on
+    (``model.model.<option>`` for an option of ``TEST_TIME_OPTIONS``), so that step 0 is scored
+    with them as the fine-tuned checkpoints are."""
+    for dotted, value in overrides.items():
+        keys = dotted.split(".")
+        if keys[0] == "model" and keys[-2] == "model" and keys[-1] in TEST_TIME_OPTIONS:
+            setattr(model, keys[-1], value)
 
 
 def fit_config(
@@ -167,6 +178,7 @@ def run_fold(
     model_options = config["model"]["init_args"]["model"]
     untrained = GuidedFlowModel.from_config(ModelConfig(**model_options)).eval()
     initial = MatchingStage.load_from_checkpoint(args.init_checkpoint, map_location="cpu").model
+    apply_test_time_overrides(initial, overrides)
     records = [{"step": 0, **score(initial, datamodule, untrained)}]
     untrained_scores = records[0].pop(UNTRAINED)
     log(f"fold {held_out} step 0: {records[0]}")

@@ -203,6 +203,22 @@ def test_the_held_out_fit_trains_on_the_fold_tree_only(tmp_path):
     assert checkpoints["init_args"]["every_n_train_steps"] == 10
 
 
+def test_step_0_is_scored_with_the_overridden_test_time_options():
+    from guided_flow.model.flow_model import GuidedFlowModel
+
+    model = GuidedFlowModel(None, grid=(6, 6))
+    assert model.soft_argmax_refine and model.use_matching_net
+    overrides = {
+        "model.model.soft_argmax_refine": False,
+        "model.init_args.model.use_matching_net": False,
+        "model.model.trainable_blocks": 1,  # the weights depend on it: not a test-time option
+        "model.loss.lambda_m": 2.0,
+    }
+    _benchmark_heldout().apply_test_time_overrides(model, overrides)
+    assert not model.soft_argmax_refine and not model.use_matching_net
+    assert not hasattr(model, "trainable_blocks") and not hasattr(model, "lambda_m")
+
+
 def _benchmark_heldout():
     spec = importlib.util.spec_from_file_location("heldout", ROOT / "benchmarks" / "heldout.py")
     heldout = importlib.util.module_from_spec(spec)
