@@ -233,8 +233,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def _deflate_band(rows: np.ndarray, last: bool) -> bytes:
-    """One band of a PNG's filtered rows as raw deflate blocks (zlib level 1) that the next
-    band's continue: byte-aligned by a sync flush, or final for the ``last`` band."""
+    """One band of a PNG's filtered rows as raw deflate blocks (zlib level 1) on which the next
+    band's blocks follow: ended byte-aligned by a sync flush, or final for the ``last`` band."""
     compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
     return compressor.compress(rows.data) + compressor.flush(
         zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH
