@@ -14,7 +14,7 @@ neighbouring cells are and wherever the border is. A soft-argmax, by contrast, i
 similar neighbour and by a window the border cuts.
 
 The search is kept within half a cell of the flow's target so that it corrects a soft-argmax's
-bias (up to 0.19 cell on the identity pairs measured) without re-deciding the match. It runs
+bias (up to 0.26 cell on the identity pairs measured) without re-deciding the match. It runs
 coarse to fine on dyadic lattices around the cell n_i nearest to the target (steps 1/4, 1/16,
 1/64 cell, each 9 x 9 around the previous best), so whole cells are candidates and positions
 stay exact; candidates past the half-cell bound never win. n_i itself is always within it.

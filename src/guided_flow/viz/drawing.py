@@ -197,7 +197,7 @@ def draw_matches(
     keep = np.flatnonzero(_inside(src_points, hs, ws) & _inside(trg_points, ht, wt))
     if len(keep) > max_lines:
         keep = keep[np.rint(np.linspace(0, len(keep) - 1, max_lines)).astype(np.int64)]
-    starts, ends = np.trunc(src_points[keep]), np.trunc(trg_points[keep] + np.array([ws, 0.0]))
+    starts, ends = src_points[keep], trg_points[keep] + np.array([ws, 0.0])
     colors = _distinct_colors(len(keep))
     for start, end, color in zip(starts.astype(int), ends.astype(int), colors, strict=True):
         cv2.line(canvas, tuple(start.tolist()), tuple(end.tolist()), color.tolist(), 1)
