@@ -1,0 +1,179 @@
+"""Does a switch of one checkpoint change its real-pair figures beyond noise? (a benchmark, not a
+test)
+
+``python benchmarks/paired.py --ckpt CKPT --willow-root DIR --option NAME [--alphas A ...]
+[--draws N] [--cache-dir DIR] [--label NAME] [--out JSON]``
+
+Scores every keypoint of a PF-WILLOW layout twice with the same weights and features: the
+checkpoint's model with the boolean test-time option ``--option`` off (the baseline) and on
+(``soft_argmax_refine``, ``use_matching_net`` or ``use_pruning_net``). Per class and alpha it
+reports the keypoints that cross the bound each way (*gained*: outside the bound with the option
+off and inside with it on; *lost*: the reverse), the difference of PCK, and a 95 % interval of
+that difference from a paired bootstrap over pairs: the keypoints of one pair share its images,
+so they are resampled together. A difference whose interval holds 0 is not evidence either way.
+
+Runs are stored by ``--label`` in ``--out`` (other labels are kept); standard output is a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from data_modules.pf_willow import PFWillowDataModule
+from guided_flow.evaluation.keypoints import KeypointEvaluator
+from guided_flow.io.atomic import write_json
+from guided_flow.training.predictors import predictor_flows
+from guided_flow.training.stages import MatchingStage
+
+SWITCHES = ("soft_argmax_refine", "use_matching_net", "use_pruning_net")
+DEFAULT_OUT = "benchmarks/results/paired.json"
+
+
+def paired_summary(
+    baseline: torch.Tensor,
+    variant: torch.Tensor,
+    pair: torch.Tensor,
+    alpha: float,
+    draws: int = 2000,
+    seed: int = 0,
+) -> dict[str, float | int]:
+    """Paired comparison at one alpha of per-keypoint errors (``K``, fractions of the pair's
+    bound) of the baseline and the variant, ``pair`` (``K`` long) naming each keypoint's pair.
+
+    Returns ``keypoints``, ``gained``, ``lost``, ``difference`` (the variant's PCK minus the
+    baseline's) and ``low`` / ``high``, the 2.5 and 97.5 percentiles of that difference over
+    ``draws`` resamplings of the pairs with replacement."""
+    inside_baseline, inside_variant = baseline <= alpha, variant <= alpha
+    _, pair_index = torch.unique(pair, return_inverse=True)
+    pairs = int(pair_index.max()) + 1
+    per_pair_change = torch.zeros(pairs, dtype=torch.float64).index_add_(
+        0, pair_index, inside_variant.double() - inside_baseline.double()
+    )
+    per_pair_count = torch.zeros(pairs, dtype=torch.float64).index_add_(
+        0, pair_index, torch.ones_like(baseline, dtype=torch.float64)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    resampled = torch.randint(pairs, (draws, pairs), generator=generator)
+    differences = per_pair_change[resampled].sum(1) / per_pair_count[resampled].sum(1)
+    low, high = torch.quantile(differences, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return {
+        "keypoints": len(baseline),
+        "gained": int((inside_variant & ~inside_baseline).sum()),
+        "lost": int((inside_baseline & ~inside_variant).sum()),
+        "difference": round(float(per_pair_change.sum() / len(baseline)), 4),
+        "low": round(float(low), 4),
+        "high": round(float(high), 4),
+    }
+
+
+@torch.no_grad()
+def keypoint_errors(
+    stage: MatchingStage, datamodule: PFWillowDataModule, option: str
+) -> dict[str, torch.Tensor]:
+    """Errors of every valid keypoint, as fractions of its pair's bound, with ``option`` off
+    (``baseline``) and on (``variant``), beside each keypoint's ``pair`` and ``category`` index
+    (all ``K``). The backbone runs once per batch; both settings read its features."""
+    model = stage.model.eval()
+    evaluator = KeypointEvaluator(pck_bound=datamodule.pck_bound, alphas=datamodule.alphas)
+    columns: dict[str, list[torch.Tensor]] = {
+        "baseline": [], "variant": [], "pair": [], "category": []
+    }  # fmt: skip
+    for batch in datamodule.test_dataloader():
+        features = model.backbone(torch.cat((batch["source_image"], batch["target_image"])))
+        source_features, target_features = features.chunk(2)
+        valid = batch["kps_valid"]
+        for name, value in (("baseline", False), ("variant", True)):
+            setattr(model, option, value)
+            out = model.forward_features(source_features, target_features)
+            kps = evaluator.transfer(batch, predictor_flows(model, batch, out)["gsf"])
+            error = (kps["pred_kps"] - kps["trg_kps"]).norm(dim=-1) / kps["bound"][:, None]
+            columns[name].append(error[valid])
+        columns["pair"].append(batch["index"][:, None].expand_as(valid)[valid])
+        columns["category"].append(batch["meta"]["category_id"][:, None].expand_as(valid)[valid])
+    return {name: torch.cat(parts) for name, parts in columns.items()}
+
+
+def compare(
+    errors: dict[str, torch.Tensor], categories: Sequence[str], alphas: Sequence[float], draws: int
+) -> dict[str, dict[str, dict]]:
+    """:func:`paired_summary` per class (by name) and over all keypoints (``"all"``), per
+    alpha (``"pck@A"``)."""
+    groups = {name: errors["category"] == index for index, name in enumerate(categories)}
+    groups["all"] = torch.ones_like(errors["pair"], dtype=torch.bool)
+    baseline, variant, pair = errors["baseline"], errors["variant"], errors["pair"]
+    return {
+        name: {
+            f"pck@{alpha:g}": paired_summary(
+                baseline[rows], variant[rows], pair[rows], alpha, draws
+            )
+            for alpha in alphas
+        }
+        for name, rows in groups.items()
+        if rows.any()
+    }
+
+
+def markdown_table(result: dict[str, dict[str, dict]]) -> str:
+    """One row per group: gained / lost, the difference and its interval at each alpha."""
+    alphas = list(next(iter(result.values())))
+    lines = [
+        "| class | " + " | ".join(f"{a}: gained / lost, difference [95 %]" for a in alphas) + " |",
+        "|---|" + "---|" * len(alphas),
+    ]
+    for group, row in result.items():
+        cells = [
+            f"+{s['gained']} / -{s['lost']}, {s['difference']:+.4f} "
+            f"[{s['low']:+.4f}, {s['high']:+.4f}]"
+            for s in row.values()
+        ]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="a stage-2 checkpoint")
+    parser.add_argument("--willow-root", required=True, help="a PF-WILLOW layout")
+    parser.add_argument("--option", required=True, choices=SWITCHES)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.15])
+    parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamplings")
+    parser.add_argument("--cache-dir", default="outputs/cache")
+    parser.add_argument("--label", default=None, help="default: the option and checkpoint")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    stage = MatchingStage.load_from_checkpoint(args.ckpt, map_location="cpu")
+    datamodule = PFWillowDataModule(
+        root=args.willow_root,
+        cache_dir=args.cache_dir,
+        image_size=stage.input_size[0],
+        batch_size=8,
+        num_workers=0,
+    )
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    errors = keypoint_errors(stage, datamodule, args.option)
+    result = compare(errors, datamodule.categories, args.alphas, args.draws)
+    label = args.label or f"{args.option}_{Path(args.ckpt).stem}"
+    out = Path(args.out)
+    stored = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    stored["runs"][label] = {
+        "checkpoint": args.ckpt,
+        "option": args.option,
+        "draws": args.draws,
+        "classes": result,
+    }
+    write_json(out, stored)
+    print(markdown_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

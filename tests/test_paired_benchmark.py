@@ -1,0 +1,92 @@
+"""The paired comparison of ``benchmarks/paired.py``: crossings, the PCK difference and its
+bootstrap interval on hand-made errors, and one run through a checkpoint and a PF-WILLOW layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from guided_flow.training.stages import MatchingStage
+from tests.helpers import save_stage_checkpoint
+from tests.test_pf_pascal import INPUT
+from tests.test_pf_willow import image, willow_row, write_willow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _paired():
+    spec = importlib.util.spec_from_file_location("paired", ROOT / "benchmarks" / "paired.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_crossings_and_the_difference_are_counted_per_keypoint():
+    paired = _paired()
+    # pair 0: keypoint 0 leaves the bound, keypoint 1 enters it; pair 1: one stays in, one out
+    baseline = torch.tensor([0.05, 0.20, 0.08, 0.30], dtype=torch.float64)
+    variant = torch.tensor([0.20, 0.05, 0.05, 0.30], dtype=torch.float64)
+    pair = torch.tensor([7, 7, 3, 3])
+    summary = paired.paired_summary(baseline, variant, pair, alpha=0.1, draws=200)
+    assert summary["keypoints"] == 4 and summary["gained"] == 1 and summary["lost"] == 1
+    # every pair's own change is 0, so every resampling gives 0
+    assert summary["difference"] == summary["low"] == summary["high"] == 0.0
+
+
+def test_a_change_every_pair_shares_has_no_spread_and_a_mixed_one_holds_zero():
+    paired = _paired()
+    pair = torch.arange(40).repeat_interleave(2)
+    baseline = torch.full((80,), 0.2, dtype=torch.float64)
+    variant = baseline.clone()
+    variant[0::2] = 0.05  # every pair gains one of its two keypoints
+    summary = paired.paired_summary(baseline, variant, pair, alpha=0.1, draws=500)
+    assert summary["gained"] == 40 and summary["lost"] == 0
+    assert summary["difference"] == summary["low"] == summary["high"] == 0.5
+    # half the pairs gain a keypoint, the other half lose one: no evidence either way
+    baseline[40:] = 0.05
+    variant[40:] = 0.05
+    variant[41::2] = 0.2
+    mixed = paired.paired_summary(baseline, variant, pair, alpha=0.1, draws=500)
+    assert mixed["gained"] == 20 and mixed["lost"] == 20 and mixed["difference"] == 0.0
+    assert mixed["low"] < 0 < mixed["high"] and -0.5 <= mixed["low"] and mixed["high"] <= 0.5
+
+
+def test_a_run_scores_both_settings_with_the_same_weights(tmp_path, monkeypatch):
+    paired = _paired()
+    monkeypatch.chdir(tmp_path)
+    src = [(20, 30), (60, 40), (120, 80), (150, 110)]
+    trg = [(25, 35), (70, 45), (110, 90), (140, 100)]
+    rows = [
+        willow_row(image("car(G)", 1), image("car(G)", 2), src, trg),
+        willow_row(image("car(G)", 2), image("car(G)", 3), src[:3], trg[:3]),
+        willow_row(image("duck(S)", 1), image("duck(S)", 2), src, trg),
+    ]
+    write_willow(tmp_path / "willow", rows, name="test_pairs.csv")
+    torch.manual_seed(0)
+    stage = MatchingStage.from_options(backbone="resnet18", weights="none", input_size=INPUT)
+    checkpoint = save_stage_checkpoint(stage, tmp_path / "model.ckpt")
+    out = tmp_path / "paired.json"
+    args = ["--ckpt", str(checkpoint), "--willow-root", str(tmp_path / "willow")]
+    args += ["--option", "soft_argmax_refine", "--out", str(out), "--cache-dir", "cache"]
+    assert paired.main([*args, "--label", "refine", "--draws", "100"]) == 0
+    run = json.loads(out.read_text())["runs"]["refine"]
+    assert run["option"] == "soft_argmax_refine" and set(run["classes"]) == {
+        "car(G)",
+        "duck(S)",
+        "all",
+    }
+    for alpha in ("pck@0.05", "pck@0.1", "pck@0.15"):
+        groups = {name: row[alpha] for name, row in run["classes"].items()}
+        assert groups["car(G)"]["keypoints"] == 7 and groups["duck(S)"]["keypoints"] == 4
+        assert groups["all"]["keypoints"] == 11
+        for summary in groups.values():
+            net = (summary["gained"] - summary["lost"]) / summary["keypoints"]
+            assert summary["difference"] == pytest.approx(net, abs=1e-4)
+            assert summary["low"] <= summary["difference"] <= summary["high"]
+    # other labels are kept
+    assert paired.main([*args, "--label", "again", "--draws", "10"]) == 0
+    assert set(json.loads(out.read_text())["runs"]) == {"refine", "again"}
