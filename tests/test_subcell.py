@@ -11,8 +11,10 @@ from guided_flow.model.flow_model import GuidedFlowModel
 from guided_flow.model.geometry import cell_positions, sample_at
 from guided_flow.model.subcell import (
     CORNER_PAIRS,
+    best_blend,
     bilinear_weights,
     patch_grams,
+    self_similarity,
     subcell_refinement,
 )
 
@@ -69,12 +71,11 @@ def test_a_dyadic_sub_cell_shift_is_recovered_exactly():
     assert torch.allclose(interior, shift.view(2, 1, 1).expand_as(interior), atol=1e-12)
 
 
-def test_the_result_beats_every_quarter_cell_candidate_and_stays_within_half_a_cell():
+def test_the_blend_search_beats_every_quarter_cell_candidate_and_stays_within_half_a_cell():
     h, w = 9, 11
-    source, target = smooth_features(h, w, seed=7), smooth_features(h, w, seed=8)
+    source, target = smooth_features(h, w, seed=7).double(), smooth_features(h, w, seed=8).double()
     start = 2.0 * torch.randn(1, 2, h, w, generator=torch.Generator().manual_seed(2))
-    refined = subcell_refinement(start, source, target).double()
-    source, target = source.double(), target.double()
+    refined, cosine = best_blend(start, source, target)
     positions = cell_positions(h, w, dtype=torch.float64).t().view(1, 2, h, w)
     size = torch.tensor([w - 1.0, h - 1.0], dtype=torch.float64).view(1, 2, 1, 1)
     start_landing = positions + start.double()
@@ -84,6 +85,7 @@ def test_the_result_beats_every_quarter_cell_candidate_and_stays_within_half_a_c
     landing = positions + refined
     assert ((landing >= low - 1e-12) & (landing <= high + 1e-12)).all()
     best = blend_cosine(source, target, refined)
+    assert torch.allclose(cosine, best, atol=1e-12)
     ticks = torch.arange(-4, 5, dtype=torch.float64) / 4
     for dy in ticks:
         for dx in ticks:
@@ -103,6 +105,41 @@ def test_a_better_match_past_half_a_cell_is_not_taken():
     assert ((refined[..., :-1, :-1] - 0.25).abs() <= 1e-12).all()
     # Past the last cell the window is clamped to the grid: the border cell itself.
     assert torch.equal(refined[0, 0, :, -1], torch.zeros(12, dtype=torch.float64))
+
+
+def test_a_match_the_features_do_not_place_below_a_cell_keeps_s():
+    # Different instances: the best blend's cosine stays below each source cell's cosine with its
+    # own neighbours, so the search would move the flow but S is kept, bit for bit.
+    source, target = smooth_features(10, 12, seed=14), smooth_features(10, 12, seed=15)
+    start = 0.4 * torch.randn(1, 2, 10, 12, generator=torch.Generator().manual_seed(3))
+    blend, cosine = best_blend(start, source, target)
+    assert (cosine < self_similarity(source.double())).all()
+    assert (blend - start.double()).abs().max() > 0.1
+    assert torch.equal(subcell_refinement(start, source, target), start)
+
+
+def test_cells_are_refined_exactly_where_the_blend_reaches_the_self_similarity():
+    # A target that is the source at 3 of 6 columns and unrelated elsewhere: the identity columns
+    # are refined to zero, the others keep their start.
+    source = smooth_features(8, 6, seed=16)
+    target = smooth_features(8, 6, seed=17).clone()
+    target[..., ::2] = source[..., ::2]
+    start = torch.full((1, 2, 8, 6), 0.2)
+    refined = subcell_refinement(start, source, target)
+    blend, cosine = best_blend(start, source, target)
+    reached = cosine >= self_similarity(source.double()) - 1e-6
+    assert reached[..., ::2].all() and not reached[..., 1::2].any()
+    assert torch.equal(refined[..., ::2], torch.zeros_like(refined[..., ::2]))
+    assert torch.equal(refined[..., 1::2], start[..., 1::2])
+
+
+def test_self_similarity_is_the_best_cosine_with_the_four_cells_one_cell_away():
+    # Unit features (x, y) on a 2 x 3 grid; cell (1, 2) only has neighbours at negative cosines.
+    rows = [[(1.0, 0.0), (0.0, 1.0), (0.6, 0.8)], [(0.8, 0.6), (1.0, 0.0), (-1.0, 0.0)]]
+    features = torch.tensor(rows).permute(2, 0, 1)[None]  # 1 x 2 x 2 x 3
+    expected = torch.tensor([[[0.8, 0.8, 0.8], [0.8, 0.8, -0.6]]])
+    assert torch.allclose(self_similarity(features), expected)
+    assert torch.allclose(self_similarity(3.0 * features), expected)  # cosines, any norm
 
 
 def test_the_corner_weights_and_grams_match_their_definitions():
@@ -128,15 +165,19 @@ def test_the_gradient_passes_straight_through_to_the_flow():
 
 
 def test_the_model_refines_s_before_adding_the_residual_and_can_switch_it_off():
-    source, target = smooth_features(10, 10, seed=11), smooth_features(10, 10, seed=12)
+    features = smooth_features(10, 10, seed=11)
     model = GuidedFlowModel(None, grid=(10, 10), c_m=2.0, flow_base="soft_argmax").eval()
     with torch.no_grad():
         model.matching_net.body.conv8.bias.fill_(1.0)
-        out = model.forward_features(source, target)
+        out = model.forward_features(features, features)
         soft = volumes.guided_soft_argmax(out.correlation, out.guidance, 2.0, 50.0)
-        assert torch.allclose(out.flow, subcell_refinement(soft, source, target) + 1.0, atol=1e-5)
+        refined = subcell_refinement(soft, features, features)
+        assert (refined - soft).abs().max() > 0.05  # S alone is off the identity
+        assert torch.allclose(out.flow, refined + 1.0, atol=1e-5)
         model.soft_argmax_refine = False
-        assert torch.allclose(model.forward_features(source, target).flow, soft + 1.0, atol=1e-5)
+        assert torch.allclose(
+            model.forward_features(features, features).flow, soft + 1.0, atol=1e-5
+        )
 
 
 def test_a_grid_one_cell_wide_is_returned_unchanged():

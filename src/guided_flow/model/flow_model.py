@@ -152,8 +152,8 @@ class ModelConfig:
     ``"sigmoid"`` (the paper's Q' = Q sigmoid(z))
     or ``"relative"`` (proposed: Q' = min(1, Q sigmoid(z) / sigmoid(z0)), Q' = Q at
     initialisation with a live gradient), z starting at ``pruning_init_logit`` (z0).
-    ``soft_argmax_refine``: S is moved to the maximum of the bilinear cosine within half a cell
-    of S (proposed, :mod:`~guided_flow.model.subcell`).
+    ``soft_argmax_refine``: S is moved below a cell where the features place the match
+    (proposed, :mod:`~guided_flow.model.subcell`).
     """
 
     backbone: str = "efficientnet_lite0"

@@ -20,6 +20,15 @@ coarse to fine on dyadic lattices around the cell n_i nearest to the target (ste
 stay exact; candidates past the half-cell bound never win. n_i itself is always within it.
 Scores are computed in float64: near-duplicate neighbours (<F_i, F_j> = 1 - 1e-4) lower the score
 a sixty-fourth of a cell away by about 1e-8, below float32's resolution.
+
+The refined target is kept only where the features resolve a position below one cell: where the
+best blend's cosine with F^s_i is at least F^s_i's own cosine with its nearest neighbour in the
+source grid (the 4 cells one cell away). A blend that matches the source better than the source
+matches itself one cell away places the match within the cell (an identity pair: cosine 1); one
+that does not leaves the position undetermined below a cell, and there S, the expectation over
+the window, is kept rather than one point of a flat cosine landscape. On pairs of different
+instances the best cosine (about 0.5) stays below the source's self-similarity (about 0.9), so S is
+kept almost everywhere.
 """
 
 from __future__ import annotations
@@ -30,6 +39,10 @@ from guided_flow.model.geometry import cell_positions
 
 SEARCH_RADIUS = 0.5
 """How far, in cells along each axis, the refined target may move from the flow's target."""
+
+ROUNDING = 1e-6
+"""Cosines this far below the source's self-similarity still count as reaching it: the rounding
+of float32 features, so that a cell whose neighbour is its exact duplicate is still refined."""
 
 # (radius, step) of each search level in cells; steps are powers of two, so sums stay exact.
 SEARCH_LEVELS = ((1.0, 0.25), (0.25, 0.0625), (0.0625, 0.015625))
@@ -99,10 +112,10 @@ class _PatchScores:
         twice = torch.tensor([1.0 if k == m else 2.0 for k, m in CORNER_PAIRS], dtype=grams.dtype)
         self.grams = grams * twice.to(grams.device)[None, :, None]  # off-diagonal pairs twice
 
-    def best(self, candidates: torch.Tensor) -> torch.Tensor:
+    def best(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The best of ``candidates`` (``B x P x 2 x N`` target positions, clamped to within one
         cell of n_i and to the grid; those outside the search window never win) for each source
-        cell: ``B x 2 x N``."""
+        cell, ``B x 2 x N``, and its score, ``B x N``."""
         q = torch.maximum(torch.minimum(candidates, self.high[:, None]), self.low[:, None])
         origin = torch.maximum(torch.minimum(q.floor(), self.high[:, None] - 1), self.low[:, None])
         weights = bilinear_weights(q - origin)  # B x P x 4 x N
@@ -120,16 +133,53 @@ class _PatchScores:
             squared_norm.addcmul_(weights[:, :, k] * weights[:, :, m], gram[:, j])
         score = numerator / squared_norm.clamp_min(1e-24).sqrt()
         inside = ((q >= self.search_low[:, None]) & (q <= self.search_high[:, None])).all(dim=2)
-        score = score.masked_fill(~inside, -torch.inf)
-        choice = score.argmax(dim=1)[:, None, None].expand(b, 1, 2, n)  # B x 1 x 2 x N
-        return torch.gather(q, 1, choice)[:, 0]
+        best_score, choice = score.masked_fill(~inside, -torch.inf).max(dim=1)
+        choice = choice[:, None, None].expand(b, 1, 2, n)  # B x 1 x 2 x N
+        return torch.gather(q, 1, choice)[:, 0], best_score
+
+
+def self_similarity(features: torch.Tensor) -> torch.Tensor:
+    """The largest cosine of each cell's feature with those of the (up to) 4 cells one cell away
+    on its own grid: ``B x D x h x w`` -> ``B x h x w``."""
+    unit = torch.nn.functional.normalize(features, dim=1)
+    across = (unit[..., :-1] * unit[..., 1:]).sum(dim=1)  # cell and its right neighbour
+    down = (unit[..., :-1, :] * unit[..., 1:, :]).sum(dim=1)  # cell and the one below
+    pad = torch.nn.functional.pad
+    neighbours = (
+        pad(across, (0, 1), value=-torch.inf),  # right
+        pad(across, (1, 0), value=-torch.inf),  # left
+        pad(down, (0, 0, 0, 1), value=-torch.inf),  # below
+        pad(down, (0, 0, 1, 0), value=-torch.inf),  # above
+    )
+    return torch.stack(neighbours).amax(dim=0)
+
+
+def best_blend(
+    flow: torch.Tensor, source_features: torch.Tensor, target_features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flow to the maximum of the bilinear cosine within half a cell of ``flow``'s targets
+    (``B x 2 x h x w`` cells, float64) and that cosine (``B x h x w``). ``flow``: ``B x 2 x h x w``
+    cells; features ``B x D x h x w``, h, w >= 2."""
+    b, d, h, w = source_features.shape
+    positions = cell_positions(h, w, device=flow.device, dtype=torch.float64).t()[None]
+    size = positions.new_tensor([w - 1, h - 1])[None, :, None]
+    landing = positions + flow.detach().double().reshape(b, 2, -1)  # B x 2 x N
+    nearest = torch.minimum(landing.round().clamp_min(0), size)
+    source, target = source_features.detach().double(), target_features.detach().double()
+    scores = _PatchScores(source, target, landing, nearest)
+    best = nearest
+    for radius, step in SEARCH_LEVELS:
+        best, score = scores.best(best[:, None] + _lattice(radius, step, flow.device))
+    cosine = score / source.reshape(b, d, -1).norm(dim=1).clamp_min(1e-12)
+    return (best - positions).view(b, 2, h, w), cosine.view(b, h, w)
 
 
 def subcell_refinement(
     flow: torch.Tensor, source_features: torch.Tensor, target_features: torch.Tensor
 ) -> torch.Tensor:
-    """Refine a flow to the maximum of the bilinear cosine within half a cell of its target
-    (proposed formulation; the module docstring has the criterion).
+    """Move a flow to :func:`best_blend` where its cosine reaches the source's self-similarity
+    (:func:`self_similarity`), and keep it elsewhere (proposed formulation; the module docstring
+    has the criteria).
 
     The result is piecewise constant in the features, so it is returned straight-through,
     ``flow + (refined - flow).detach()``: its value is the refined flow (to rounding), its
@@ -142,14 +192,8 @@ def subcell_refinement(
     b, _, h, w = source_features.shape
     if h < 2 or w < 2:
         return flow
-    positions = cell_positions(h, w, device=flow.device, dtype=torch.float64).t()[None]
-    size = positions.new_tensor([w - 1, h - 1])[None, :, None]
-    landing = positions + flow.detach().double().reshape(b, 2, -1)  # B x 2 x N
-    nearest = torch.minimum(landing.round().clamp_min(0), size)
-    source, target = source_features.detach().double(), target_features.detach().double()
-    scores = _PatchScores(source, target, landing, nearest)
-    best = nearest
-    for radius, step in SEARCH_LEVELS:
-        best = scores.best(best[:, None] + _lattice(radius, step, flow.device))
-    refined = (best - positions).view(b, 2, h, w).to(flow.dtype)
+    blend_flow, cosine = best_blend(flow, source_features, target_features)
+    reach = self_similarity(source_features.detach().double()) - ROUNDING
+    resolved = (cosine >= reach)[:, None]
+    refined = torch.where(resolved, blend_flow.to(flow.dtype), flow.detach())
     return flow + (refined - flow).detach() if flow.requires_grad else refined
