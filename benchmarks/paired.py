@@ -29,7 +29,6 @@ import torch
 from data_modules.pf_willow import PFWillowDataModule
 from guided_flow.evaluation.keypoints import KeypointEvaluator
 from guided_flow.io.atomic import write_json
-from guided_flow.training.predictors import predictor_flows
 from guided_flow.training.stages import MatchingStage
 
 SWITCHES = ("soft_argmax_refine", "use_matching_net", "use_pruning_net")
@@ -88,11 +87,11 @@ def keypoint_errors(
     for batch in datamodule.test_dataloader():
         features = model.backbone(torch.cat((batch["source_image"], batch["target_image"])))
         source_features, target_features = features.chunk(2)
-        valid = batch["kps_valid"]
+        valid, size = batch["kps_valid"], tuple(batch["source_image"].shape[-2:])
         for name, value in (("baseline", False), ("variant", True)):
             setattr(model, option, value)
             out = model.forward_features(source_features, target_features)
-            kps = evaluator.transfer(batch, predictor_flows(model, batch, out)["gsf"])
+            kps = evaluator.transfer(batch, out.flow_pixels(size))
             error = (kps["pred_kps"] - kps["trg_kps"]).norm(dim=-1) / kps["bound"][:, None]
             columns[name].append(error[valid])
         columns["pair"].append(batch["index"][:, None].expand_as(valid)[valid])
@@ -148,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default=None, help="default: the option and checkpoint")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     stage = MatchingStage.load_from_checkpoint(args.ckpt, map_location="cpu")
     datamodule = PFWillowDataModule(
         root=args.willow_root,
