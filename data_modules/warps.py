@@ -18,9 +18,12 @@ not depend on its batch neighbours.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
+import kornia
 import numpy as np
 import torch
 from kornia.geometry.transform import get_tps_transform, warp_points_tps
@@ -32,6 +35,10 @@ _KEY_EPOCH_STRIDE = 2**32
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
+# How far (unit frame, image side = 1) the spline may leave a control point from its moved
+# position: round-off of the float64 12 x 12 solve is about 1e-15; a wrong convention misses by
+# about 1e-2.
+_CONTROL_POINT_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -198,10 +205,54 @@ def warp_points(params: WarpParams, points: torch.Tensor, size: tuple[int, int])
     controls = tps_control_points(grid_size, device=points.device, dtype=points.dtype)
     controls = controls.expand_as(params.tps_offsets)
     moved = controls + params.tps_offsets
-    kernel_weights, affine_weights = get_tps_transform(controls, moved)
-    bent = warp_points_tps(unit, moved, kernel_weights, affine_weights)  # centres: second argument
+    bent = thin_plate_spline(controls, moved, unit)
     mapped = bent @ params.affine[:, :, :2].transpose(1, 2) + params.affine[:, None, :, 2]
     return mapped * side + centre
+
+
+def thin_plate_spline(
+    controls: torch.Tensor, moved: torch.Tensor, points: torch.Tensor
+) -> torch.Tensor:
+    """Bookstein's thin-plate spline that maps ``controls`` onto ``moved`` (both ``B x K x 2``),
+    applied to ``points`` (``B x N x 2``): ``B x N x 2``, in the frame of the inputs.
+
+    The spline is kornia's (0.9.2 and newer 0.9 releases), whose radial kernels are centred on
+    the first argument of ``get_tps_transform``. The installed kornia is checked once per process
+    (:func:`check_kornia_spline`), so an other convention raises instead of making other warps.
+    """
+    check_kornia_spline()
+    return _kornia_spline(controls, moved, points)
+
+
+def _kornia_spline(
+    controls: torch.Tensor, moved: torch.Tensor, points: torch.Tensor
+) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # kornia 0.9.2 repeats on every call which tensor holds the kernel centres: we pass the
+        # first argument, and check_kornia_spline verifies that the spline interpolates.
+        warnings.filterwarnings(
+            "ignore", message="`get_tps_transform` centres", category=FutureWarning
+        )
+        kernel_weights, affine_weights = get_tps_transform(controls, moved)
+    return warp_points_tps(points, controls, kernel_weights, affine_weights)
+
+
+@functools.cache
+def check_kornia_spline() -> None:
+    """Raise ``RuntimeError`` unless the installed kornia's spline maps a fixed 3 x 3 control
+    grid exactly onto its moved positions (kornia 0.9.0 and older centre the kernels on the
+    second argument of ``get_tps_transform``, which gives a wrong warp of the right shape)."""
+    controls = tps_control_points(3, dtype=torch.float64)[None]
+    moved = controls.clone()
+    moved[0, 4] += controls.new_tensor([0.08, -0.06])  # a bend no affine map makes
+    moved[0, 0] += controls.new_tensor([0.05, 0.05])
+    miss = (_kornia_spline(controls, moved, controls) - moved).abs().max().item()
+    if not miss <= _CONTROL_POINT_TOLERANCE:
+        raise RuntimeError(
+            f"kornia {kornia.__version__}'s thin-plate spline leaves a control point {miss:.3g} "
+            "image sides from its moved position: guided-flow's synthetic warps need "
+            "kornia>=0.9.2,<0.10 (`make install` installs the tested versions, requirements.lock)"
+        )
 
 
 def dense_flow(params: WarpParams, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Two processes (DDP on the CPU) give the numbers of one, each pair counted once."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "experiments" / "demo_stage2.yaml")
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "guided_flow.cli.main", *args]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -32,8 +35,15 @@ def _processes(count: int) -> list[str]:
 
 @pytest.mark.slow
 def test_test_metrics_of_two_processes_equal_one(tmp_path):
+    """Exactly equal, not within a tolerance. Each process computes every pair alone (batch size
+    1, one thread each): a pair's numbers then cannot depend on which process ran it or on its
+    batch neighbours, whose presence changes how the kernels vectorise and so the float rounding
+    (at batch 2 one pixel of 128,000 crossed a PCK threshold). What remains to test is the
+    distributed part itself: the sampler's padded pair counted once, the gather, the float64
+    reduction in index order."""
     stage = MatchingStage.from_options(input_size=160)
     save_stage_checkpoint(stage, tmp_path / "stage2.ckpt")
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = {}
     for count in (1, 2):
         args = [
@@ -44,17 +54,15 @@ def test_test_metrics_of_two_processes_equal_one(tmp_path):
             f"--results_dir=results{count}",
             "--data.cache_dir=cache",
             "--data.test_pairs=5",  # odd: the distributed sampler pads one pair
-            "--data.batch_size=2",
+            "--data.batch_size=1",
             "--trainer.logger=false",
         ]
-        _run(args + _processes(count), tmp_path)
+        _run(args + _processes(count), tmp_path, env=one_thread)
         results[count] = json.loads((tmp_path / f"results{count}" / "metrics.json").read_text())
     one, two = results[1], results[2]
     assert one["pairs"] == two["pairs"] == 5
     for predictor in ("identity", "argmax", "guidance", "gsf"):
-        for key, value in one[predictor].items():
-            tolerance = 1e-4 if key == "epe_px" else 1e-6
-            assert abs(value - two[predictor][key]) <= tolerance, (predictor, key)
+        assert one[predictor] == two[predictor], predictor
     caches = list((tmp_path / "cache").iterdir())
     assert len(caches) == 1 and caches[0].suffix == ".h5", caches
 

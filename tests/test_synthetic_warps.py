@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
+from data_modules import warps
 from data_modules.warps import (
     WarpConfig,
     WarpParams,
     dense_flow,
     sample_warp_params,
     synthesize_pairs,
+    thin_plate_spline,
     tps_control_points,
     warp_key,
     warp_points,
@@ -83,6 +85,36 @@ def test_tps_moves_control_points_and_composes_affine_after_it() -> None:
     unit = tps_control_points(3)[None] + offsets
     expected = (unit @ torch.tensor(affine)[:, :2].T + torch.tensor(affine)[:, 2]) * side + centre
     assert torch.allclose(composed, expected, atol=1e-3)
+
+
+def test_spline_is_bookstein_thin_plate_spline_of_the_control_grid() -> None:
+    """Independent of kornia: scipy's thin-plate RBF with a linear term is Bookstein's spline."""
+    interpolator = pytest.importorskip("scipy.interpolate").RBFInterpolator
+    generator = torch.Generator().manual_seed(5)
+    controls = tps_control_points(3, dtype=torch.float64)[None]
+    moved = controls + torch.rand(1, 9, 2, generator=generator, dtype=torch.float64) * 0.2 - 0.1
+    points = torch.rand(1, 200, 2, generator=generator, dtype=torch.float64) * 1.2 - 0.6
+    expected = interpolator(controls[0].numpy(), moved[0].numpy(), kernel="thin_plate_spline")(
+        points[0].numpy()
+    )
+    bent = thin_plate_spline(controls, moved, points)
+    assert torch.allclose(bent[0], torch.from_numpy(expected), atol=1e-9)
+    assert torch.allclose(thin_plate_spline(controls, moved, controls), moved, atol=1e-12)
+
+
+def test_a_spline_that_misses_its_control_points_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = warps.warp_points_tps
+
+    def off_centre(points, centres, kernel_weights, affine_weights):
+        return real(points, centres + 0.05, kernel_weights, affine_weights)
+
+    warps.check_kornia_spline.cache_clear()
+    monkeypatch.setattr(warps, "warp_points_tps", off_centre)
+    try:
+        with pytest.raises(RuntimeError, match=r"control point .* kornia>=0\.9\.2,<0\.10"):
+            dense_flow(sample_warp_params(0, torch.arange(2)), (16, 16))
+    finally:
+        warps.check_kornia_spline.cache_clear()
 
 
 def test_source_is_the_target_sampled_at_the_flow() -> None:
