@@ -53,15 +53,29 @@ def module_name(path: Path) -> str:
     return ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
 
 
-def project_imports(path: Path) -> list[str]:
-    """The project modules ``path`` imports (``from guided_flow.model import volumes`` names
-    ``guided_flow.model.volumes``), at any depth of the file."""
+def imported_names(text: str, module: str, is_package: bool = False) -> list[str]:
+    """Every name the source ``text`` of ``module`` imports, at any depth of the file (inside
+    functions too), relative imports resolved: ``from .match import load_matcher`` in
+    ``guided_flow.cli.main`` names ``guided_flow.cli.match.load_matcher``."""
     names = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names += [f"{node.module}.{alias.name}" for alias in node.names]
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module.split(".")
+                package = package[: len(package) - node.level + is_package]
+                base = ".".join([*package, *base.split(".")] if base else package)
+            names += [f"{base}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
+    return names
+
+
+def project_imports(path: Path) -> list[str]:
+    """The project modules ``path`` imports (``from guided_flow.model import volumes`` names
+    ``guided_flow.model.volumes``), at any depth of the file, relative imports resolved."""
+    text = path.read_text(encoding="utf-8")
+    names = imported_names(text, module_name(path), path.name == "__init__.py")
     return [name for name in names if name.split(".")[0] in ("guided_flow", "data_modules")]
 
 
@@ -100,3 +114,67 @@ def test_the_rules_catch_a_model_module_importing_training():
 def test_modules_stay_readable(path):
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{module_name(path)} has {lines} lines; split it by role"
+
+
+def imported_module(name: str, modules: set[str]) -> str | None:
+    """The module of ``modules`` that importing ``name`` loads: the longest dotted prefix of
+    ``name`` that is one (``guided_flow.cli.match.load_matcher`` -> ``guided_flow.cli.match``)."""
+    parts = name.split(".")
+    prefixes = (".".join(parts[:end]) for end in range(len(parts), 0, -1))
+    return next((prefix for prefix in prefixes if prefix in modules), None)
+
+
+def mutual_pairs(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The pairs of modules of ``graph`` (module -> the modules it imports) that import each
+    other, each once, sorted."""
+    return sorted(
+        (module, other)
+        for module, imports in graph.items()
+        for other in imports
+        if module < other and module in graph.get(other, set())
+    )
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of the project's code (src/guided_flow, data_modules) -> the other modules of
+    it that it imports, at module level or inside functions."""
+    paths = {module_name(path): path for path in sources()}
+    modules = set(paths)
+    graph = {}
+    for module, path in paths.items():
+        imported = {imported_module(name, modules) for name in project_imports(path)}
+        graph[module] = {name for name in imported if name is not None and name != module}
+    return graph
+
+
+def test_no_two_modules_import_each_other():
+    pairs = mutual_pairs(import_graph())
+    assert not pairs, "modules that import each other (move the shared part one level down): " + (
+        ", ".join(f"{a} <-> {b}" for a, b in pairs)
+    )
+
+
+def test_the_import_graph_resolves_relative_and_lazy_imports():
+    text = (
+        "from . import match_batch\n"
+        "from .match import load_matcher\n"
+        "from ..errors import ConfigError\n"
+        "def main():\n"
+        "    from guided_flow.cli.commands import main\n"
+    )
+    assert imported_names(text, "guided_flow.cli.main") == [
+        "guided_flow.cli.match_batch",
+        "guided_flow.cli.match.load_matcher",
+        "guided_flow.errors.ConfigError",
+        "guided_flow.cli.commands.main",
+    ]
+    assert imported_names("from .stages import X", "guided_flow.training", True) == [
+        "guided_flow.training.stages.X"
+    ]
+    modules = {"guided_flow.cli", "guided_flow.cli.match", "guided_flow.training"}
+    match = imported_module("guided_flow.cli.match.load_matcher", modules)
+    assert match == "guided_flow.cli.match"
+    assert imported_module("guided_flow.training.PruningStage", modules) == "guided_flow.training"
+    assert imported_module("torch.nn", modules) is None
+    graph = {"a": {"b", "c"}, "b": {"a"}, "c": set(), "d": {"c"}}
+    assert mutual_pairs(graph) == [("a", "b")]

@@ -2,7 +2,7 @@
 
 The project's own commands (``match``, ``download``, ``sweep``, ``export``) run without importing
 Lightning, so that ``guided-flow match`` starts quickly and holds less memory; the Lightning
-subcommands are handed to :mod:`guided_flow.cli.main`.
+subcommands are handed to :mod:`guided_flow.cli.lightning_cli`.
 """
 
 from __future__ import annotations
@@ -10,27 +10,12 @@ from __future__ import annotations
 import importlib
 import sys
 
+from guided_flow.cli.command_table import (  # noqa: F401 (LIGHTNING_COMMANDS re-exported)
+    COMMANDS,
+    LIGHTNING_COMMANDS,
+    TOOL_COMMANDS,
+)
 from guided_flow.errors import GuidedFlowError
-
-# Every command with its one-line description, in the order ``guided-flow --help`` lists them.
-COMMANDS = {
-    "fit": "train a stage (stage 1: the pruning net; stage 2: the matching net) from a config",
-    "validate": "score a trained model on a data module's validation pairs",
-    "test": "score a trained model on a benchmark; writes metrics.json, predictions, run.json",
-    "predict": "write the flow of every pair of a data module as .npy files",
-    "match": "dense flow between two images of any size, with figures, in original pixels",
-    "download": "fetch a benchmark (SPair-71k, PF-PASCAL, PF-WILLOW, Caltech-101) or say how",
-    "sweep": "run a W&B grid sweep file locally, one run folder per trial, with a heat map",
-    "export": "export the inference model to TorchScript or ONNX",
-}
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-# The project's own commands: name -> module whose ``main(argv) -> int`` runs it.
-TOOL_COMMANDS = {
-    "download": "guided_flow.cli.download",
-    "match": "guided_flow.cli.match",
-    "sweep": "guided_flow.cli.sweep",
-    "export": "guided_flow.cli.export",
-}
 
 
 def print_overview() -> None:
@@ -63,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in TOOL_COMMANDS:
             return importlib.import_module(TOOL_COMMANDS[argv[0]]).main(argv[1:])
-        from guided_flow.cli.main import run_lightning_command
+        from guided_flow.cli.lightning_cli import run_lightning_command
 
         run_lightning_command(argv, given)
     except Exception as error:

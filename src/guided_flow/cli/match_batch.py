@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from guided_flow.api import MatchResult, as_rgb
-from guided_flow.cli.match import load_matcher, read_keypoints, write_results
+from guided_flow.cli.match_steps import load_matcher, read_keypoints, write_results
 from guided_flow.cli.pair_list import PairRow, read_pairs
 from guided_flow.errors import ConfigError, DataError, GuidedFlowError, MatchFailure, one_line
 from guided_flow.io.atomic import atomic_open, write_json

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
@@ -12,9 +13,6 @@ from pytorch_lightning.utilities import rank_zero_warn
 from guided_flow.errors import ConfigError
 from guided_flow.model.flow_model import ModelConfig
 from guided_flow.training.options import upgrade_stage_options
-
-if TYPE_CHECKING:
-    from guided_flow.training.stages import GuidedFlowStage
 
 # A network whose parametrisation differs between a checkpoint and the run starts afresh.
 NETWORK_OPTIONS = {
@@ -29,7 +27,18 @@ NETWORK_OPTIONS = {
 }
 
 
-def load_stage_weights(module: GuidedFlowStage, path: str) -> None:
+class StageWeights(Protocol):
+    """What loading a checkpoint needs of a stage (a
+    :class:`~guided_flow.training.stages.GuidedFlowStage`): its model options and its weights."""
+
+    model_config: ModelConfig
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
+
+
+def load_stage_weights(module: StageWeights, path: str) -> None:
     """Initialise ``module``'s model from a guided-flow checkpoint (stage 1 or 2), checking that
     its grid matches. A network whose options (:data:`NETWORK_OPTIONS`) differ from the
     checkpoint's, e.g. a local matching input from a checkpoint of the paper's global one, keeps
