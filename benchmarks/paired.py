@@ -1,12 +1,16 @@
 """Does a switch of one checkpoint change its real-pair figures beyond noise? (a benchmark, not a
 test)
 
-``python benchmarks/paired.py --ckpt CKPT --willow-root DIR --option NAME [--alphas A ...]
-[--draws N] [--cache-dir DIR] [--label NAME] [--out JSON]``
+``python benchmarks/paired.py [--ckpt CKPT] --willow-root DIR --option NAME[=VALUE]
+[--alphas A ...] [--draws N] [--cache-dir DIR] [--label NAME] [--out JSON]``
 
-Scores every keypoint of a PF-WILLOW layout twice with the same weights and features: the
-checkpoint's model with the boolean test-time option ``--option`` off (the baseline) and on
-(``soft_argmax_refine``, ``use_matching_net`` or ``use_pruning_net``). Per class and alpha it
+Scores every keypoint of a PF-WILLOW layout twice with the same weights: the model of the
+checkpoint (without ``--ckpt``: the untrained weight-free default of ``GuidedSemanticFlow()``)
+with a test-time option as the baseline and as the variant. ``--option NAME`` switches a boolean
+option off (baseline) and on (``soft_argmax_refine``, ``use_matching_net``, ``use_pruning_net``
+or ``cycle_consistency``); ``--option NAME=VALUE`` compares the model's own value with VALUE (e.g.
+``feature_views=flip``; ``input_size=480``, untrained only: the same method on a finer grid).
+Each model runs its own forward pass. Per class and alpha it
 reports the keypoints that cross the bound each way (*gained*: outside the bound with the option
 off and inside with it on; *lost*: the reverse), the difference of PCK, and a 95 % interval of
 that difference from a paired bootstrap over pairs: the keypoints of one pair share its images,
@@ -19,6 +23,7 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -27,12 +32,30 @@ from pathlib import Path
 import torch
 
 from data_modules.pf_willow import PFWillowDataModule
+from guided_flow.api import weight_free_config
 from guided_flow.evaluation.keypoints import KeypointEvaluator
 from guided_flow.io.atomic import write_json
+from guided_flow.model.feature_views import FEATURE_VIEWS
+from guided_flow.model.flow_model import GuidedFlowModel
 from guided_flow.training.stages import MatchingStage
 
-SWITCHES = ("soft_argmax_refine", "use_matching_net", "use_pruning_net")
+SWITCHES = ("soft_argmax_refine", "use_matching_net", "use_pruning_net", "cycle_consistency")
+# Test-time options that take a value: name -> allowed values. ``input_size`` compares the
+# untrained default at two sizes (a finer grid), so it takes no checkpoint.
+VALUED_OPTIONS = {"feature_views": FEATURE_VIEWS, "input_size": ("480", "640")}
 DEFAULT_OUT = "benchmarks/results/paired.json"
+
+
+def parse_option(text: str) -> tuple[str, object | None]:
+    """``NAME`` (a boolean switch: ``(NAME, None)``) or ``NAME=VALUE`` (``(NAME, VALUE)``)."""
+    name, _, value = text.partition("=")
+    if not value:
+        if name not in SWITCHES:
+            raise argparse.ArgumentTypeError(f"{name!r}: choose a switch of {SWITCHES}")
+        return name, None
+    if value not in VALUED_OPTIONS.get(name, ()):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose NAME=VALUE of {VALUED_OPTIONS}")
+    return name, value
 
 
 def paired_summary(
@@ -73,30 +96,46 @@ def paired_summary(
 
 
 @torch.no_grad()
-def keypoint_errors(
-    stage: MatchingStage, datamodule: PFWillowDataModule, option: str
-) -> dict[str, torch.Tensor]:
-    """Errors of every valid keypoint, as fractions of its pair's bound, with ``option`` off
-    (``baseline``) and on (``variant``), beside each keypoint's ``pair`` and ``category`` index
-    (all ``K``). The backbone runs once per batch; both settings read its features."""
-    model = stage.model.eval()
+def model_errors(model: GuidedFlowModel, datamodule: PFWillowDataModule) -> dict[str, torch.Tensor]:
+    """Errors of every valid keypoint of ``datamodule``'s test pairs under ``model``, as
+    fractions of its pair's bound (``error``), beside its ``pair`` and ``category`` index (all
+    ``K``, in the loader's order)."""
+    model = model.eval()
     evaluator = KeypointEvaluator(pck_bound=datamodule.pck_bound, alphas=datamodule.alphas)
-    columns: dict[str, list[torch.Tensor]] = {
-        "baseline": [], "variant": [], "pair": [], "category": []
-    }  # fmt: skip
+    columns: dict[str, list[torch.Tensor]] = {"error": [], "pair": [], "category": []}
     for batch in datamodule.test_dataloader():
-        features = model.backbone(torch.cat((batch["source_image"], batch["target_image"])))
-        source_features, target_features = features.chunk(2)
         valid, size = batch["kps_valid"], tuple(batch["source_image"].shape[-2:])
-        for name, value in (("baseline", False), ("variant", True)):
-            setattr(model, option, value)
-            out = model.forward_features(source_features, target_features)
-            kps = evaluator.transfer(batch, out.flow_pixels(size))
-            error = (kps["pred_kps"] - kps["trg_kps"]).norm(dim=-1) / kps["bound"][:, None]
-            columns[name].append(error[valid])
+        out = model(batch["source_image"], batch["target_image"])
+        kps = evaluator.transfer(batch, out.flow_pixels(size))
+        error = (kps["pred_kps"] - kps["trg_kps"]).norm(dim=-1) / kps["bound"][:, None]
+        columns["error"].append(error[valid])
         columns["pair"].append(batch["index"][:, None].expand_as(valid)[valid])
         columns["category"].append(batch["meta"]["category_id"][:, None].expand_as(valid)[valid])
     return {name: torch.cat(parts) for name, parts in columns.items()}
+
+
+def keypoint_errors(
+    baseline: tuple[GuidedFlowModel, PFWillowDataModule],
+    variant: tuple[GuidedFlowModel, PFWillowDataModule],
+) -> dict[str, torch.Tensor]:
+    """The ``baseline`` and ``variant`` errors of :func:`model_errors` (each a model and its
+    data at the model's input size) on the same keypoints, with their ``pair`` and
+    ``category``."""
+    first, second = model_errors(*baseline), model_errors(*variant)
+    if not torch.equal(first["pair"], second["pair"]):
+        raise ValueError("the baseline and the variant scored different keypoints")
+    index = {"pair": first["pair"], "category": first["category"]}
+    return {"baseline": first["error"], "variant": second["error"], **index}
+
+
+def variant_model(model: GuidedFlowModel, option: str, value: object | None) -> GuidedFlowModel:
+    """``model`` with a test-time ``option`` on (a switch, ``value`` None) or at ``value``;
+    ``input_size`` builds the untrained default at that size."""
+    if option == "input_size":
+        return GuidedFlowModel.from_config(weight_free_config(input_size=int(str(value))))
+    variant = copy.deepcopy(model)
+    setattr(variant, option, True if value is None else value)
+    return variant
 
 
 def compare(
@@ -138,33 +177,48 @@ def markdown_table(result: dict[str, dict[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a stage-2 checkpoint")
+    parser.add_argument("--ckpt", help="a stage-2 checkpoint (default: the untrained default)")
     parser.add_argument("--willow-root", required=True, help="a PF-WILLOW layout")
-    parser.add_argument("--option", required=True, choices=SWITCHES)
+    parser.add_argument("--option", required=True, type=parse_option, help="NAME or NAME=VALUE")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.15])
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamplings")
     parser.add_argument("--cache-dir", default="outputs/cache")
     parser.add_argument("--label", default=None, help="default: the option and checkpoint")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    stage = MatchingStage.load_from_checkpoint(args.ckpt, map_location="cpu")
-    datamodule = PFWillowDataModule(
-        root=args.willow_root,
-        cache_dir=args.cache_dir,
-        image_size=stage.input_size[0],
-        batch_size=8,
-        num_workers=0,
-    )
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    errors = keypoint_errors(stage, datamodule, args.option)
+    option, value = args.option
+    if args.ckpt and option == "input_size":
+        raise SystemExit("--option input_size compares the untrained default: leave out --ckpt")
+    if args.ckpt:
+        model = MatchingStage.load_from_checkpoint(args.ckpt, map_location="cpu").model
+    else:
+        model = GuidedFlowModel.from_config(weight_free_config())
+    if value is None:
+        model = variant_model(model, option, False)  # the switch off
+    variant = variant_model(model, option, value)
+
+    def willow(model: GuidedFlowModel) -> PFWillowDataModule:
+        datamodule = PFWillowDataModule(
+            root=args.willow_root,
+            cache_dir=args.cache_dir,
+            image_size=model.input_size[0],
+            batch_size=8,
+            num_workers=0,
+        )
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        return datamodule
+
+    datamodule = willow(model)
+    errors = keypoint_errors((model, datamodule), (variant, willow(variant)))
     result = compare(errors, datamodule.categories, args.alphas, args.draws)
-    label = args.label or f"{args.option}_{Path(args.ckpt).stem}"
+    described = option if value is None else f"{option}={value}"
+    label = args.label or f"{described}_{Path(args.ckpt).stem if args.ckpt else 'untrained'}"
     out = Path(args.out)
     stored = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     stored["runs"][label] = {
-        "checkpoint": args.ckpt,
-        "option": args.option,
+        "checkpoint": args.ckpt or "untrained default",
+        "option": described,
         "draws": args.draws,
         "classes": result,
     }

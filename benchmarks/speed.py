@@ -3,6 +3,11 @@
 ``python benchmarks/speed.py [--threads N] [--device cpu|cuda] [--full]
 [--matching-input global|local] [--backbones NAME ...]``
 
+``python benchmarks/speed.py --test-time NAME=VALUE [NAME=VALUE ...] [--threads N]`` times
+only the untrained default of ``GuidedSemanticFlow()`` (EfficientNet-Lite0, 320 px, batch 1 and
+8) as it is and with each test-time option set (``feature_views=flip``,
+``cycle_consistency=true``; several options in one setting joined by commas), all interleaved.
+
 Everything runs in one process. Each figure is the median over :data:`RUNS` timed runs after
 warm-up, in milliseconds per image pair; the three inference paths of a configuration are timed
 in turn within each run (rotating their order), so that they see the same machine load:
@@ -53,6 +58,7 @@ from typing import Any
 import torch
 from skimage import data as skdata
 
+from guided_flow.api import weight_free_config
 from guided_flow.cli.export import FlowPredictor, InferenceOptions
 from guided_flow.io.images import normalise, resize_image
 from guided_flow.model import volumes
@@ -357,6 +363,51 @@ def _no_grad(predictor: FlowPredictor, source: torch.Tensor, target: torch.Tenso
         return predictor(source, target)
 
 
+def parse_setting(text: str) -> dict[str, Any]:
+    """``NAME=VALUE[,NAME=VALUE...]`` -> model options (``true``/``false`` are booleans)."""
+    options: dict[str, Any] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        options[name] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
+def measure_test_time_options(
+    settings: list[str], device: torch.device, input_size: int = DEFAULT_INPUT
+) -> list[dict[str, Any]]:
+    """Per batch size, ms per pair of the untrained default (``default``) and of each setting
+    of test-time options, interleaved, with each one's ratio to the default."""
+    entries = []
+    for batch in BATCHES:
+        predictors = {"default": FlowPredictor(GuidedFlowModel.from_config(weight_free_config()))}
+        for setting in settings:
+            config = weight_free_config(**parse_setting(setting))
+            predictors[setting] = FlowPredictor(GuidedFlowModel.from_config(config).to(device))
+        predictors["default"].model.to(device)
+        source, target = (
+            x.contiguous(memory_format=torch.channels_last)
+            for x in image_pair(input_size, batch, device)
+        )
+        with torch.inference_mode():
+            calls = {
+                name: partial(predictor.predict, source, target)
+                for name, predictor in predictors.items()
+            }
+            times = time_interleaved(calls, device, warmup=2 if batch == 1 else 1)
+        entries.append(
+            {
+                "batch": batch,
+                "input": input_size,
+                "ms_per_pair": {name: round(t / batch, 2) for name, t in times.items()},
+                "ratio_to_default": {
+                    name: round(t / times["default"], 3) for name, t in times.items()
+                },
+            }
+        )
+        log(f"  {json.dumps(entries[-1])}")
+    return entries
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -373,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--full",
         action="store_true",
         help="add the 40 x 40 grid (640 x 640 input) and torch.compile",
+    )
+    parser.add_argument(
+        "--test-time",
+        nargs="+",
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="time only the untrained default against these settings of test-time options",
     )
     return parser
 
@@ -394,6 +451,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
     log(f"threads {args.threads}, device {device}, load average {loadavg_start}")
+    if args.test_time:
+        entries = measure_test_time_options(args.test_time, device)
+        result = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": args.threads,
+            "test_time_options": entries,
+            "loadavg_start": loadavg_start,
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "torch": torch.__version__,
+        }
+        print(json.dumps(result))
+        return 0
 
     configs = [(b, DEFAULT_INPUT, n) for b in args.backbones for n in BATCHES]
     if args.full:

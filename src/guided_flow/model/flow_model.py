@@ -12,7 +12,8 @@ from torch import nn
 from guided_flow.errors import ConfigError
 from guided_flow.model import volumes
 from guided_flow.model.backbone import FeatureExtractor
-from guided_flow.model.geometry import cell_positions, flow_cells_to_pixels
+from guided_flow.model.feature_views import FEATURE_VIEWS, view_features
+from guided_flow.model.flow_output import FlowOutput
 from guided_flow.model.local_cost import local_correlation
 from guided_flow.model.networks import MatchingNet, PruningNet
 from guided_flow.model.subcell import subcell_refinement
@@ -26,58 +27,6 @@ FLOW_BASES = ("guidance", "soft_argmax")
 MATCHING_INPUTS = ("global", "local")
 PRUNING_MASKS = ("sigmoid", "relative")
 MATCHING_HEADS = ("conv", "encoder_decoder")
-
-
-@dataclass(frozen=True)
-class FlowOutput:
-    """Everything one forward pass computes; flows are ``flow_s2t`` in cells of the
-    ``h x w`` feature grid, volumes are ``B x (h*w) x h x w``."""
-
-    flow: torch.Tensor  # tau, B x 2 x h x w
-    guidance: torch.Tensor  # G', B x 2 x h x w
-    sparse_guidance: torch.Tensor  # G, B x 2 x h x w (zero where guidance_weight == 0)
-    guidance_weight: torch.Tensor  # v, B x 1 x h x w
-    correlation: torch.Tensor  # C
-    confidence: torch.Tensor  # Q
-    refined_confidence: torch.Tensor  # Q'
-    source_features: torch.Tensor  # F^s, B x D x h x w
-    target_features: torch.Tensor  # F^t, B x D x h x w
-    rho: float
-
-    @property
-    def confident_density(self) -> torch.Tensor:
-        """``B``: fraction of source cells with a match in the confident set Q' > rho."""
-        return (self.guidance_weight > 0).flatten(1).float().mean(dim=1)
-
-    @property
-    def initial_density(self) -> torch.Tensor:
-        """``B``: fraction of source cells with some Q > rho (METHOD.md section 3 calibration)."""
-        has_match = volumes.source_cells_with_match(
-            volumes.confident_mask(self.confidence, self.rho)
-        )
-        return has_match.flatten(1).float().mean(dim=1)
-
-    def flow_pixels(self, size: tuple[int, int]) -> torch.Tensor:
-        """tau resized to an input of ``size = (H, W)`` pixels: ``B x 2 x H x W`` pixels."""
-        return flow_cells_to_pixels(self.flow, size)
-
-    def confident_matches(
-        self, item: int, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The confident matches of pair ``item``: the source cells with a match in Q' > rho and
-        their sparse-guidance targets p_i + G_i, both ``N x 2`` (x, y) pixels of an input of
-        ``size = (H, W)`` (cell centres at ``(x + 0.5) * stride - 0.5``)."""
-        h, w = self.flow.shape[-2:]
-        cells = cell_positions(h, w, device=self.flow.device, dtype=self.flow.dtype)
-        valid = self.guidance_weight[item, 0].reshape(-1) > 0
-        source = cells[valid]
-        target = source + self.sparse_guidance[item].reshape(2, -1).t()[valid]
-        stride = self.flow.new_tensor([size[1] / w, size[0] / h])
-        return (source + 0.5) * stride - 0.5, (target + 0.5) * stride - 0.5
-
-    def guidance_pixels(self, size: tuple[int, int]) -> torch.Tensor:
-        """G' resized to ``size = (H, W)``: ``B x 2 x H x W`` pixels."""
-        return flow_cells_to_pixels(self.guidance, size)
 
 
 def check_hyper_parameters(
@@ -110,9 +59,17 @@ def check_hyper_parameters(
 
 
 def check_network_options(
-    matching_input: str, local_radius: int, pruning_mask: str, local_head: str = "conv"
+    matching_input: str,
+    local_radius: int,
+    pruning_mask: str,
+    local_head: str = "conv",
+    feature_views: str = "none",
 ) -> None:
     """Raise ConfigError naming the network option outside its allowed values."""
+    if feature_views not in FEATURE_VIEWS:
+        raise ConfigError(
+            f"feature_views={feature_views!r} is invalid: choose one of {FEATURE_VIEWS}"
+        )
     if local_head not in MATCHING_HEADS:
         raise ConfigError(f"local_head={local_head!r} is invalid: choose one of {MATCHING_HEADS}")
     if matching_input not in MATCHING_INPUTS:
@@ -153,7 +110,10 @@ class ModelConfig:
     or ``"relative"`` (proposed: Q' = min(1, Q sigmoid(z) / sigmoid(z0)), Q' = Q at
     initialisation with a live gradient), z starting at ``pruning_init_logit`` (z0).
     ``soft_argmax_refine``: S is moved below a cell where the features place the match
-    (proposed, :mod:`~guided_flow.model.subcell`).
+    (proposed, :mod:`~guided_flow.model.subcell`). ``feature_views``: features averaged over
+    mirrored and rescaled views of each picture (proposed, :mod:`.feature_views`).
+    ``cycle_consistency``: G keeps only the confident matches whose round trip comes back within
+    a cell (proposed, :func:`~guided_flow.model.volumes.round_trip_consistent`).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -178,6 +138,8 @@ class ModelConfig:
     pruning_mask: str = "sigmoid"
     pruning_init_logit: float = 10.0
     soft_argmax_refine: bool = True
+    feature_views: str = "none"
+    cycle_consistency: bool = False
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -193,7 +155,11 @@ class ModelConfig:
             self.soft_argmax_beta,
         )
         check_network_options(
-            self.matching_input, self.local_radius, self.pruning_mask, self.local_head
+            self.matching_input,
+            self.local_radius,
+            self.pruning_mask,
+            self.local_head,
+            self.feature_views,
         )
 
     @classmethod
@@ -242,10 +208,13 @@ class GuidedFlowModel(nn.Module):
         pruning_init_logit: float = 10.0,
         feature_channels: int | None = None,
         soft_argmax_refine: bool = True,
+        feature_views: str = "none",
+        cycle_consistency: bool = False,
     ) -> None:
         super().__init__()
         check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model, flow_base, soft_argmax_beta)
-        check_network_options(matching_input, local_radius, pruning_mask, local_head)
+        check_network_options(matching_input, local_radius, pruning_mask, local_head, feature_views)
+        self.feature_views, self.cycle_consistency = feature_views, cycle_consistency
         self.backbone = backbone
         self.grid = tuple(grid)
         self.rho, self.c_p, self.c_m = rho, c_p, c_m
@@ -305,6 +274,8 @@ class GuidedFlowModel(nn.Module):
             pruning_mask=config.pruning_mask,
             pruning_init_logit=config.pruning_init_logit,
             soft_argmax_refine=config.soft_argmax_refine,
+            feature_views=config.feature_views,
+            cycle_consistency=config.cycle_consistency,
         )
 
     @property
@@ -327,7 +298,8 @@ class GuidedFlowModel(nn.Module):
                 f"{self.input_size} (grid {self.grid} x stride {self.backbone.stride})"
             )
         # One backbone pass over both images keeps BatchNorm statistics and kernels shared.
-        features = self.backbone(torch.cat((source_image, target_image), dim=0))
+        images = torch.cat((source_image, target_image), dim=0)
+        features = view_features(self.backbone, images, self.feature_views)
         source_features, target_features = features.chunk(2, dim=0)
         return self.forward_features(source_features, target_features, refine)
 
@@ -373,7 +345,10 @@ class GuidedFlowModel(nn.Module):
         volume = volumes.correlation(source_features, target_features)
         confidence = volumes.soft_mutual_confidence(volume)
         refined = self.pruning_net.refine(confidence) if use_pruning_net else confidence
-        sparse, weight = volumes.sparse_guidance(refined, self.rho)
+        kept = refined
+        if self.cycle_consistency:
+            kept = refined * volumes.round_trip_consistent(volume)
+        sparse, weight = volumes.sparse_guidance(kept, self.rho)
         guidance = volumes.interpolate_guidance(
             sparse, weight, self.c_p, self.window_n, self.guidance_model
         )

@@ -48,6 +48,18 @@ def source_cells_with_match(confident: torch.Tensor) -> torch.Tensor:
     return confident.any(dim=1, keepdim=True)
 
 
+def round_trip_consistent(volume: torch.Tensor, radius: float = 1.0) -> torch.Tensor:
+    """Cycle consistency of every match (i, j) (a proposed, weight-free pruning): True where the
+    round trip i -> j -> k, k the best source cell of target j (argmax_k C(k, j)), comes back
+    within ``radius`` cells of i along both axes. ``volume``: C ``B x (h*w) x h x w``; returns a
+    bool volume of the same shape."""
+    b, hw, h, w = volume.shape
+    positions = cell_positions(h, w, device=volume.device, dtype=volume.dtype)  # I x 2
+    back = positions[volume.flatten(2).argmax(dim=2)]  # B x J x 2: p_k of each target j
+    gap = (back[:, :, None, :] - positions[None, None]).abs().amax(dim=-1)  # B x J x I
+    return (gap <= radius).view(b, hw, h, w)
+
+
 def sparse_guidance(
     refined_confidence: torch.Tensor, rho: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,50 @@
+"""Test-time ensembling of features over views of each picture (a proposed formulation).
+
+A view is the picture mirrored left-right, resized by a scale, or both. The backbone reads each
+view; its features are brought back to the picture's frame (mirrored back, resized to the
+picture's grid by an antialiased bilinear filter, which keeps each cell centred), averaged with
+those of the picture itself and L2-normalised again. The ensemble is weight-free: it changes what C
+compares, not the networks.
+
+``feature_views`` names the views: ``"none"`` (the picture alone), ``"flip"`` (and its mirror
+image), ``"scale"`` (and the picture at :data:`VIEW_SCALE` times its size) or ``"flip_scale"``
+(all four).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from guided_flow.model.backbone import STRIDE, FeatureExtractor
+
+FEATURE_VIEWS = ("none", "flip", "scale", "flip_scale")
+# The second scale: finer than the picture's own, so the view adds detail the stride-16 grid
+# misses (an upscaled picture puts 1.5 x 1.5 backbone cells on each cell of the grid).
+VIEW_SCALE = 1.5
+
+
+def view_features(backbone: FeatureExtractor, images: torch.Tensor, views: str) -> torch.Tensor:
+    """Features of ``images`` (``B x 3 x H x W``, sides multiples of 16) averaged over
+    ``views`` (:data:`FEATURE_VIEWS`): ``B x D x H/16 x W/16``, unit L2 norm per cell."""
+    features = backbone(images)
+    if views == "none":
+        return features
+    grid = tuple(features.shape[-2:])
+    total = features.clone()
+    if views in ("flip", "flip_scale"):
+        total += backbone(images.flip(-1)).flip(-1)
+    if views in ("scale", "flip_scale"):
+        size = [round(side * VIEW_SCALE / STRIDE) * STRIDE for side in images.shape[-2:]]
+        scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        total += _shrink(backbone(scaled), grid)
+        if views == "flip_scale":
+            total += _shrink(backbone(scaled.flip(-1)).flip(-1), grid)
+    return F.normalize(total, p=2.0, dim=1, eps=1e-6)
+
+
+def _shrink(features: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """Unit features of a finer grid brought to ``grid``, renormalised (a 1.5 x ratio: an
+    adaptive average pool would shift cells by up to a sixth of a cell)."""
+    resized = F.interpolate(features, size=grid, mode="bilinear", antialias=True)
+    return F.normalize(resized, p=2.0, dim=1, eps=1e-6)
