@@ -130,9 +130,13 @@ def keypoint_errors(
 
 def variant_model(model: GuidedFlowModel, option: str, value: object | None) -> GuidedFlowModel:
     """``model`` with a test-time ``option`` on (a switch, ``value`` None) or at ``value``;
-    ``input_size`` builds the untrained default at that size."""
+    ``input_size`` builds the untrained default at that size, its variances c_P and c_M (in
+    squared cells) scaled with the grid so that they cover the same fraction of the picture."""
     if option == "input_size":
-        return GuidedFlowModel.from_config(weight_free_config(input_size=int(str(value))))
+        size = int(str(value))
+        scale = (size / model.input_size[0]) ** 2
+        config = weight_free_config(input_size=size, c_p=model.c_p * scale, c_m=model.c_m * scale)
+        return GuidedFlowModel.from_config(config)
     variant = copy.deepcopy(model)
     setattr(variant, option, True if value is None else value)
     return variant

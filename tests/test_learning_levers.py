@@ -89,6 +89,13 @@ def test_guided_flow_test_applies_and_records_the_switches(tmp_path):
     # pruning net off the confident set (so G' and S) comes back
     assert scores["use_matching_net"] != scores[None]
     assert scores["use_pruning_net"] != scores[None]
+    # the weight-free test-time options are switched and recorded the same way
+    results = tmp_path / "views"
+    extra = ["--model.model.cycle_consistency=true", "--model.model.feature_views=scale"]
+    assert main([*args, f"--results_dir={results}", *extra]) == 0
+    run = json.loads((results / "run.json").read_text())
+    assert run["test_time_overrides"] == {"cycle_consistency": True, "feature_views": "scale"}
+    assert json.loads((results / "metrics.json").read_text())["gsf"]["epe_px"] != scores[None]
 
 
 def test_warp_consistency_is_zero_for_exact_flows_and_positive_otherwise():

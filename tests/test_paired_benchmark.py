@@ -3,6 +3,7 @@ bootstrap interval on hand-made errors, and one run through a checkpoint and a P
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from guided_flow.api import weight_free_config
+from guided_flow.model.flow_model import GuidedFlowModel
 from guided_flow.training.stages import MatchingStage
 from tests.helpers import save_stage_checkpoint
 from tests.test_pf_pascal import INPUT
@@ -90,3 +93,30 @@ def test_a_run_scores_both_settings_with_the_same_weights(tmp_path, monkeypatch)
     # other labels are kept
     assert paired.main([*args, "--label", "again", "--draws", "10"]) == 0
     assert set(json.loads(out.read_text())["runs"]) == {"refine", "again"}
+
+
+def test_options_with_values_are_parsed_and_checked():
+    paired = _paired()
+    assert paired.parse_option("use_matching_net") == ("use_matching_net", None)
+    assert paired.parse_option("feature_views=scale") == ("feature_views", "scale")
+    for wrong in ("feature_views=mirror", "input_size=500", "no_such_switch"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            paired.parse_option(wrong)
+
+
+def test_variants_change_one_option_and_keep_the_baseline():
+    paired = _paired()
+    model = GuidedFlowModel(None, grid=(4, 4), c_p=5.0, c_m=3.0)
+    variant = paired.variant_model(model, "feature_views", "flip")
+    assert variant.feature_views == "flip" and model.feature_views == "none"
+    assert paired.variant_model(model, "cycle_consistency", None).cycle_consistency
+    assert not model.cycle_consistency
+
+
+def test_the_finer_grid_keeps_the_variances_fraction_of_the_picture():
+    paired = _paired()
+    model = GuidedFlowModel.from_config(weight_free_config(input_size=320, c_m=4.0))
+    finer = paired.variant_model(model, "input_size", "480")
+    assert finer.grid == (30, 30) and finer.input_size == (480, 480)
+    assert finer.c_m == pytest.approx(4.0 * 2.25) and finer.c_p == pytest.approx(5.0 * 2.25)
+    assert finer.flow_base == "soft_argmax"

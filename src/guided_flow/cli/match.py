@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from guided_flow.api import as_rgb
+from guided_flow.api import PRESETS, as_rgb
 from guided_flow.cli.match_batch import run_batch
 from guided_flow.cli.match_steps import (  # noqa: F401 (UNTRAINED_NOTE re-exported)
     UNTRAINED_NOTE,
@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="network input side in pixels for the untrained method (default 320); a "
         "checkpoint fixes its own",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="test-time options: 'default' (cycle-consistent guidance; the untrained method's "
+        "default) or 'fast' (0.2's default); default: a checkpoint's own",
     )
     parser.add_argument(
         "--device",

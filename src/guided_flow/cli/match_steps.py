@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guided_flow.api import GuidedSemanticFlow, MatchResult, as_points, warp_source
+from guided_flow.api import GuidedSemanticFlow, MatchResult, apply_preset, as_points, warp_source
 from guided_flow.errors import ConfigError, DataError
 from guided_flow.io.atomic import write_json
 from guided_flow.io.flow_files import write_flo, write_flow_npy
@@ -27,14 +27,19 @@ UNTRAINED_NOTE = (
 
 
 def load_matcher(args: argparse.Namespace) -> GuidedSemanticFlow:
-    """The matcher of ``--ckpt``, ``--input-size`` and ``--device``, saying which on stdout."""
+    """The matcher of ``--ckpt``, ``--input-size``, ``--preset`` and ``--device``, saying which
+    on stdout. Without ``--preset`` the untrained method takes the default preset and a
+    checkpoint keeps its own test-time options."""
     if args.ckpt is None:
         print(UNTRAINED_NOTE)
         size = 320 if args.input_size is None else args.input_size
-        return GuidedSemanticFlow.untrained(input_size=size, device=args.device)
+        preset = "default" if args.preset is None else args.preset
+        return GuidedSemanticFlow.untrained(input_size=size, device=args.device, preset=preset)
     if args.input_size is not None:
         raise ConfigError("--input-size applies without --ckpt only: a checkpoint fixes its own")
     matcher = GuidedSemanticFlow.from_checkpoint(args.ckpt, map_location=args.device)
+    if args.preset is not None:
+        apply_preset(matcher.model, args.preset)
     print(f"using the trained networks of {args.ckpt}")
     return matcher
 
