@@ -4,9 +4,10 @@
 [--matching-input global|local] [--backbones NAME ...]``
 
 ``python benchmarks/speed.py --test-time NAME=VALUE [NAME=VALUE ...] [--threads N]`` times
-only the untrained default of ``GuidedSemanticFlow()`` (EfficientNet-Lite0, 320 px, batch 1 and
-8) as it is and with each test-time option set (``feature_views=flip``,
-``cycle_consistency=true``; several options in one setting joined by commas), all interleaved.
+only the untrained method (EfficientNet-Lite0, 320 px, batch 1 and 8): its ``fast`` preset
+(0.2's default), its ``default`` preset and the fast preset with each setting of test-time
+options (``feature_views=flip``; several options in one setting joined by commas), all
+interleaved.
 
 Everything runs in one process. Each figure is the median over :data:`RUNS` timed runs after
 warm-up, in milliseconds per image pair; the three inference paths of a configuration are timed
@@ -375,15 +376,18 @@ def parse_setting(text: str) -> dict[str, Any]:
 def measure_test_time_options(
     settings: list[str], device: torch.device, input_size: int = DEFAULT_INPUT
 ) -> list[dict[str, Any]]:
-    """Per batch size, ms per pair of the untrained default (``default``) and of each setting
-    of test-time options, interleaved, with each one's ratio to the default."""
+    """Per batch size, ms per pair of the untrained method's presets (``fast``, ``default``) and
+    of the fast preset with each setting of test-time options, interleaved, with each one's
+    ratio to ``fast``."""
     entries = []
     for batch in BATCHES:
-        predictors = {"default": FlowPredictor(GuidedFlowModel.from_config(weight_free_config()))}
+        configs = {"fast": weight_free_config("fast"), "default": weight_free_config()}
         for setting in settings:
-            config = weight_free_config(**parse_setting(setting))
-            predictors[setting] = FlowPredictor(GuidedFlowModel.from_config(config).to(device))
-        predictors["default"].model.to(device)
+            configs[setting] = weight_free_config("fast", **parse_setting(setting))
+        predictors = {
+            name: FlowPredictor(GuidedFlowModel.from_config(config).to(device))
+            for name, config in configs.items()
+        }
         source, target = (
             x.contiguous(memory_format=torch.channels_last)
             for x in image_pair(input_size, batch, device)
@@ -399,9 +403,7 @@ def measure_test_time_options(
                 "batch": batch,
                 "input": input_size,
                 "ms_per_pair": {name: round(t / batch, 2) for name, t in times.items()},
-                "ratio_to_default": {
-                    name: round(t / times["default"], 3) for name, t in times.items()
-                },
+                "ratio_to_fast": {name: round(t / times["fast"], 3) for name, t in times.items()},
             }
         )
         log(f"  {json.dumps(entries[-1])}")
@@ -429,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-time",
         nargs="+",
         metavar="NAME=VALUE[,NAME=VALUE]",
-        help="time only the untrained default against these settings of test-time options",
+        help="time only the untrained method's presets and these settings of test-time options",
     )
     return parser
 
