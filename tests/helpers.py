@@ -1,8 +1,24 @@
-"""Discriminative feature maps built in the tests: distinct random unit vectors per cell."""
+"""Helpers of the tests: discriminative feature maps (distinct random unit vectors per cell) and
+the benchmark scripts loaded as modules."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` (not a package) imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_unit_features(batch: int, dim: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

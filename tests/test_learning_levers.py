@@ -3,7 +3,6 @@ held-out folds that never train on an evaluated class."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ from guided_flow.errors import DataError
 from guided_flow.model.flow_model import GuidedFlowModel
 from guided_flow.model.losses import compose_flows, inside_grid, warp_consistency_loss
 from guided_flow.training.stages import MatchingStage
-from tests.helpers import save_stage_checkpoint, shifted_pair
+from tests.helpers import load_benchmark, save_stage_checkpoint, shifted_pair
 
 GRID = 6
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,9 +183,7 @@ def test_a_fold_never_trains_on_an_image_of_an_evaluated_class(tmp_path):
 
 
 def test_the_held_out_fit_trains_on_the_fold_tree_only(tmp_path):
-    spec = importlib.util.spec_from_file_location("heldout", ROOT / "benchmarks" / "heldout.py")
-    heldout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(heldout)
+    heldout = load_benchmark("heldout")
     root = tmp_path / "willow"
     write_layout(root, {"a": {"1.png": b"1", "2.png": b"2"}, "b": {"3.png": b"3", "4.png": b"4"}})
     fold = make_fold(root, ("a",), tmp_path / "fold")
@@ -227,10 +224,7 @@ def test_step_0_is_scored_with_the_overridden_test_time_options():
 
 
 def _benchmark_heldout():
-    spec = importlib.util.spec_from_file_location("heldout", ROOT / "benchmarks" / "heldout.py")
-    heldout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(heldout)
-    return heldout
+    return load_benchmark("heldout")
 
 
 def test_unseen_category_folds_hold_out_whole_categories_and_average_classes(tmp_path):
@@ -258,11 +252,7 @@ def test_unseen_category_folds_hold_out_whole_categories_and_average_classes(tmp
 
 
 def test_the_background_is_outside_the_source_keypoints_box_grown_by_one_cell():
-    spec = importlib.util.spec_from_file_location(
-        "confident_set", ROOT / "benchmarks" / "confident_set.py"
-    )
-    confident_set = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(confident_set)
+    confident_set = load_benchmark("confident_set")
     batch = {
         "source_image": torch.zeros(1, 3, 96, 96),  # a 6 x 6 grid of 16-pixel cells
         "source_kps": torch.tensor([[[40.0, 40.0], [56.0, 40.0], [0.0, 0.0]]]),

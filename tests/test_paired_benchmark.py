@@ -4,7 +4,6 @@ bootstrap interval on hand-made errors, and one run through a checkpoint and a P
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from guided_flow.api import weight_free_config
 from guided_flow.model.flow_model import GuidedFlowModel
 from guided_flow.training.stages import MatchingStage
-from tests.helpers import save_stage_checkpoint
+from tests.helpers import load_benchmark, save_stage_checkpoint
 from tests.test_pf_pascal import INPUT
 from tests.test_pf_willow import image, willow_row, write_willow
 
@@ -22,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _paired():
-    spec = importlib.util.spec_from_file_location("paired", ROOT / "benchmarks" / "paired.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paired")
 
 
 def test_crossings_and_the_difference_are_counted_per_keypoint():
