@@ -1,8 +1,9 @@
 """Does stage 1 do its job? Precision of the confident set, trained against untrained pruning
 network, at equal density (a benchmark, not a test).
 
-``python benchmarks/confident_set.py [--stage1 outputs/demo/stage1.ckpt] [--willow-root DIR]
-[--cache-dir DIR] [--out JSON] [--label NAME]`` (runs are stored by label in ``--out``)
+``python benchmarks/confident_set.py [--stage1 outputs/demo/stage1.ckpt | --weight-free]
+[--willow-root DIR] [--cache-dir DIR] [--out JSON] [--label NAME]`` (runs are stored by label in
+``--out``; ``--weight-free`` scores the untrained default of ``GuidedSemanticFlow()``)
 
 The untrained pruning network keeps Q' = sigmoid(10) Q, so its confident set is {Q > rho}; a
 trained one reorders the matches. Comparing the two at rho would mix how many matches survive
@@ -20,6 +21,11 @@ On real pairs it also reports the *background share*: the fraction of all confid
 whose source cell lies outside the box of the source keypoints grown by one cell, for the
 untrained set, the trained set at equal density and the trained set at rho (the one the method
 uses: Q' > rho), with the trained set's density at rho beside it.
+
+Every run also scores the set that enters G (``guided``): Q' > rho less the matches the cycle
+test drops (``cycle_consistency``; the same set as Q' > rho without it), its precision at rho,
+its density and, on real pairs, its background share. With ``--weight-free`` this measures what
+the weight-free cycle test removes: ``untrained`` against ``guided``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import yaml
 
 from data_modules.pf_willow import PFWillowDataModule
 from data_modules.synthetic import SyntheticPairsDataModule
+from guided_flow.api import weight_free_config
 from guided_flow.io.atomic import write_json
 from guided_flow.model.flow_model import GuidedFlowModel
 from guided_flow.model.geometry import cell_positions
@@ -131,48 +138,62 @@ def compare(
     model: GuidedFlowModel, batches: Iterable[dict], truth_of, by_category: bool = False
 ) -> dict:
     """Per category (``by_category``) or over ``"all"`` pairs: precision of the untrained (Q' = Q at
-    rho) and trained (equal density) confident sets, their match count and density; on keypoint
-    pairs (``by_category``) also the background shares."""
-    counts: dict[str, torch.Tensor] = {}  # category -> the columns of per_pair, summed
+    rho) and trained (equal density) confident sets, their match count and density, and the
+    precision and density of the set that enters G (Q' > rho after the cycle test, when the
+    model has it); on keypoint pairs (``by_category``) also the background shares."""
+    sums: dict[str, dict[str, torch.Tensor]] = {}  # category -> column -> per-category sum
     for batch in batches:
         out = model(batch["source_image"], batch["target_image"], refine=False)
         truth, counted = truth_of(batch, model.grid)
         correct = correct_matches(truth, model.grid)
         untrained = confident_mask(out.confidence, model.rho)
         trained = matched_threshold_set(out.refined_confidence, untrained)
-        columns = [
-            *precision(untrained, correct, counted),
-            *precision(trained, correct, counted),
-            (untrained.any(dim=1, keepdim=True) & counted).flatten(1).sum(1),
-            counted.flatten(1).sum(1),
-        ]
+        guided = confident_mask(out.guided_confidence, model.rho)
+        columns = {}
+        for name, selected in (("untrained", untrained), ("trained", trained), ("guided", guided)):
+            found, right = precision(selected, correct, counted)
+            columns |= {f"{name}_matches": found, f"{name}_correct": right}
+        columns["with_match"] = (untrained.any(dim=1, keepdim=True) & counted).flatten(1).sum(1)
+        columns["guided_with_match"] = (guided.any(dim=1, keepdim=True) & counted).flatten(1).sum(1)
+        columns["counted"] = counted.flatten(1).sum(1)
         if by_category:
             background = keypoint_box_background(batch, model.grid)
             at_rho = confident_mask(out.refined_confidence, model.rho)
-            for selected in (untrained, trained, at_rho):
-                columns += background_counts(selected, background)
-            columns.append(at_rho.any(dim=1).flatten(1).sum(1))
-            columns.append(untrained.any(dim=1).flatten(1).sum(1))
-        per_pair = torch.stack(columns, dim=1)  # B x 6 (x 14 with the background shares)
-        groups = batch["category"] if by_category else ["all"] * len(per_pair)
-        for category, row in zip(groups, per_pair, strict=True):
-            counts[category] = counts.get(category, 0) + row
-    result = {}
-    for category, c in sorted(counts.items()):
-        result[category] = {
-            "untrained": round(float(c[1] / c[0].clamp(min=1)), 4),
-            "trained": round(float(c[3] / c[2].clamp(min=1)), 4),
-            "matches": int(c[0]),
-            "density": round(float(c[4] / c[5].clamp(min=1)), 4),
-        }
-        if len(c) > 6:
-            result[category]["background_share"] = {
-                name: round(float(c[k + 1] / c[k].clamp(min=1)), 4)
-                for name, k in (("untrained", 6), ("trained", 8), ("trained_at_rho", 10))
-            }
-            result[category]["source_cells_at_rho"] = {
-                "trained": int(c[12]), "untrained": int(c[13])
-            }  # fmt: skip
+            sets = {"untrained": untrained, "trained": trained, "trained_at_rho": at_rho}
+            for name, selected in {**sets, "guided": guided}.items():
+                found, behind = background_counts(selected, background)
+                columns |= {f"{name}_all": found, f"{name}_bg": behind}
+            columns["cells_at_rho"] = at_rho.any(dim=1).flatten(1).sum(1)
+            columns["cells_untrained"] = untrained.any(dim=1).flatten(1).sum(1)
+        groups = batch["category"] if by_category else ["all"] * len(columns["counted"])
+        for index, category in enumerate(groups):
+            total = sums.setdefault(category, {})
+            for name, values in columns.items():
+                total[name] = total.get(name, 0) + values[index]
+    return {category: summary(c, by_category) for category, c in sorted(sums.items())}
+
+
+def summary(c: dict[str, torch.Tensor], backgrounds: bool) -> dict:
+    """The figures of one category from its summed columns (see :func:`compare`)."""
+
+    def ratio(numerator: str, denominator: str) -> float:
+        return round(float(c[numerator] / c[denominator].clamp(min=1)), 4)
+
+    result = {
+        "untrained": ratio("untrained_correct", "untrained_matches"),
+        "trained": ratio("trained_correct", "trained_matches"),
+        "matches": int(c["untrained_matches"]),
+        "density": ratio("with_match", "counted"),
+        "guided": ratio("guided_correct", "guided_matches"),
+        "guided_matches": int(c["guided_matches"]),
+        "guided_density": ratio("guided_with_match", "counted"),
+    }
+    if backgrounds:
+        names = ("untrained", "trained", "trained_at_rho", "guided")
+        result["background_share"] = {name: ratio(f"{name}_bg", f"{name}_all") for name in names}
+        result["source_cells_at_rho"] = {
+            "trained": int(c["cells_at_rho"]), "untrained": int(c["cells_untrained"])
+        }  # fmt: skip
     return result
 
 
@@ -183,8 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="outputs/cache")
     parser.add_argument("--out", default="benchmarks/results/confident_set.json")
     parser.add_argument("--label", default="demo_stage1", help="the run's name in --out")
+    parser.add_argument(
+        "--weight-free",
+        action="store_true",
+        help="score the untrained default of GuidedSemanticFlow() instead of --stage1",
+    )
     args = parser.parse_args(argv)
-    model = PruningStage.load_from_checkpoint(args.stage1, map_location="cpu").model.eval()
+    if args.weight_free:
+        model = GuidedFlowModel.from_config(weight_free_config()).eval()
+    else:
+        model = PruningStage.load_from_checkpoint(args.stage1, map_location="cpu").model.eval()
     data = yaml.safe_load((EXPERIMENTS / "demo.yaml").read_text())["data"]["init_args"]
     synthetic = SyntheticPairsDataModule(**{**data, "cache_dir": args.cache_dir})
     synthetic.prepare_data()

@@ -1,16 +1,17 @@
 """Does a switch of one checkpoint change its real-pair figures beyond noise? (a benchmark, not a
 test)
 
-``python benchmarks/paired.py [--ckpt CKPT] --willow-root DIR --option NAME[=VALUE]
-[--alphas A ...] [--draws N] [--cache-dir DIR] [--label NAME] [--out JSON]``
+``python benchmarks/paired.py [--ckpt CKPT] --willow-root DIR --option NAME[=VALUE] [--option
+...] [--alphas A ...] [--draws N] [--cache-dir DIR] [--label NAME] [--out JSON]``
 
 Scores every keypoint of a PF-WILLOW layout twice with the same weights: the model of the
 checkpoint (without ``--ckpt``: the untrained weight-free default of ``GuidedSemanticFlow()``)
 with a test-time option as the baseline and as the variant. ``--option NAME`` switches a boolean
-option off (baseline) and on (``soft_argmax_refine``, ``use_matching_net``, ``use_pruning_net``
-or ``cycle_consistency``); ``--option NAME=VALUE`` compares the model's own value with VALUE (e.g.
-``feature_views=flip``; ``input_size=480``, untrained only: the same method on a finer grid).
-Each model runs its own forward pass. Per class and alpha it
+option off (baseline) and on (:data:`SWITCHES`); ``--option NAME=VALUE`` compares the model's own
+value with VALUE (e.g. ``feature_views=flip``, ``voting=hough``; ``input_size=480``, untrained
+only and alone: the same method on a finer grid). Several ``--option`` change the variant
+together (a combination against the baseline, every switch among them off). Each model runs its
+own forward pass. Per class and alpha it
 reports the keypoints that cross the bound each way (*gained*: outside the bound with the option
 off and inside with it on; *lost*: the reverse), the difference of PCK, and a 95 % interval of
 that difference from a paired bootstrap over pairs: the keypoints of one pair share its images,
@@ -37,12 +38,16 @@ from guided_flow.evaluation.keypoints import KeypointEvaluator
 from guided_flow.io.atomic import write_json
 from guided_flow.model.feature_views import FEATURE_VIEWS
 from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.voting import VOTING
 from guided_flow.training.stages import MatchingStage
 
-SWITCHES = ("soft_argmax_refine", "use_matching_net", "use_pruning_net", "cycle_consistency")
+SWITCHES = (
+    "soft_argmax_refine", "use_matching_net", "use_pruning_net", "cycle_consistency",
+    "mirror_choice",
+)  # fmt: skip
 # Test-time options that take a value: name -> allowed values. ``input_size`` compares the
 # untrained default at two sizes (a finer grid), so it takes no checkpoint.
-VALUED_OPTIONS = {"feature_views": FEATURE_VIEWS, "input_size": ("480", "640")}
+VALUED_OPTIONS = {"feature_views": FEATURE_VIEWS, "voting": VOTING, "input_size": ("480", "640")}
 DEFAULT_OUT = "benchmarks/results/paired.json"
 
 
@@ -142,6 +147,20 @@ def variant_model(model: GuidedFlowModel, option: str, value: object | None) -> 
     return variant
 
 
+def compared_models(
+    model: GuidedFlowModel, options: Sequence[tuple[str, object | None]]
+) -> tuple[GuidedFlowModel, GuidedFlowModel]:
+    """The baseline (``model`` with every switch among ``options`` off) and the variant (the
+    baseline with all ``options`` applied: each switch on, each valued option at its value)."""
+    for option, value in options:
+        if value is None:
+            model = variant_model(model, option, False)
+    variant = model
+    for option, value in options:
+        variant = variant_model(variant, option, value)
+    return model, variant
+
+
 def compare(
     errors: dict[str, torch.Tensor], categories: Sequence[str], alphas: Sequence[float], draws: int
 ) -> dict[str, dict[str, dict]]:
@@ -183,23 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", help="a stage-2 checkpoint (default: the untrained default)")
     parser.add_argument("--willow-root", required=True, help="a PF-WILLOW layout")
-    parser.add_argument("--option", required=True, type=parse_option, help="NAME or NAME=VALUE")
+    parser.add_argument(
+        "--option", required=True, type=parse_option, action="append", help="NAME or NAME=VALUE"
+    )
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.15])
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamplings")
     parser.add_argument("--cache-dir", default="outputs/cache")
     parser.add_argument("--label", default=None, help="default: the option and checkpoint")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    option, value = args.option
-    if args.ckpt and option == "input_size":
-        raise SystemExit("--option input_size compares the untrained default: leave out --ckpt")
+    names = [option for option, _ in args.option]
+    if "input_size" in names and (args.ckpt or len(names) > 1):
+        raise SystemExit("--option input_size compares the untrained default: give it alone")
     if args.ckpt:
         model = MatchingStage.load_from_checkpoint(args.ckpt, map_location="cpu").model
     else:
         model = GuidedFlowModel.from_config(weight_free_config())
-    if value is None:
-        model = variant_model(model, option, False)  # the switch off
-    variant = variant_model(model, option, value)
+    model, variant = compared_models(model, args.option)
 
     def willow(model: GuidedFlowModel) -> PFWillowDataModule:
         datamodule = PFWillowDataModule(
@@ -216,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     datamodule = willow(model)
     errors = keypoint_errors((model, datamodule), (variant, willow(variant)))
     result = compare(errors, datamodule.categories, args.alphas, args.draws)
-    described = option if value is None else f"{option}={value}"
+    described = "+".join(
+        name if value is None else f"{name}={value}" for name, value in args.option
+    )
     label = args.label or f"{described}_{Path(args.ckpt).stem if args.ckpt else 'untrained'}"
     out = Path(args.out)
     stored = json.loads(out.read_text()) if out.exists() else {"runs": {}}

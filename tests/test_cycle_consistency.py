@@ -15,9 +15,9 @@ def test_round_trips_on_a_hand_computed_row() -> None:
     # volume[b, j, 0, i] = C(i, j)
     scores = torch.tensor([[0.1, 0.2, 0.9], [0.3, 0.8, 0.1], [0.7, 0.5, 0.6]])
     kept = volumes.round_trip_consistent(scores.view(1, 3, 1, 3))
-    expected = torch.tensor(
-        [[False, True, True], [True, True, True], [True, True, False]]
-    ).view(1, 3, 1, 3)
+    expected = torch.tensor([[False, True, True], [True, True, True], [True, True, False]]).view(
+        1, 3, 1, 3
+    )
     assert torch.equal(kept, expected)
     assert torch.equal(
         volumes.round_trip_consistent(scores.view(1, 3, 1, 3), radius=0.0),

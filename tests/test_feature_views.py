@@ -9,7 +9,12 @@ from torch import nn
 
 from guided_flow.errors import ConfigError
 from guided_flow.model.backbone import FeatureExtractor
-from guided_flow.model.feature_views import FEATURE_VIEWS, VIEW_SCALE, view_features
+from guided_flow.model.feature_views import (
+    FEATURE_VIEWS,
+    VIEW_SCALE,
+    mirror_choice,
+    view_features,
+)
 from guided_flow.model.flow_model import GuidedFlowModel, ModelConfig
 
 
@@ -83,3 +88,39 @@ def test_the_option_is_checked_and_reaches_the_model() -> None:
         ModelConfig(backbone="resnet18", weights="none", input_size=64, feature_views="flip")
     )
     assert model.feature_views == "flip"
+
+
+def test_the_mirror_choice_keeps_whichever_target_the_source_matches_better() -> None:
+    """Pair 0 faces the same way: the target's features are the source's. Pair 1 faces the
+    other way: the features of the target's mirror image are the source's (mirrored back onto
+    the target's grid), and the target's own are unlike them."""
+    generator = torch.Generator().manual_seed(4)
+    source = F.normalize(torch.randn(2, 16, 4, 6, generator=generator))
+    other = F.normalize(torch.randn(2, 16, 4, 6, generator=generator))
+    target = torch.stack((source[0], other[1]))
+    mirrored = torch.stack((other[0], source[1].flip(-1)))
+    chosen, flags = mirror_choice(source, target, mirrored)
+    assert flags.tolist() == [False, True]
+    assert torch.equal(chosen[0], target[0]) and torch.equal(chosen[1], mirrored[1])
+
+
+def test_a_mirrored_pair_is_matched_part_to_part_with_the_mirror_choice() -> None:
+    """The target is the source mirrored: with the choice, every source cell's confident match
+    is its mirror cell (x -> w - 1 - x), the flow still pointing into the target's own frame;
+    without it, a backbone that is not mirror-equivariant finds other matches."""
+    image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    options = dict(backbone="resnet18", weights="none", input_size=64, use_matching_net=False)
+    mirror = {"mirror_choice": True}
+    torch.manual_seed(0)
+    chosen = GuidedFlowModel.from_config(ModelConfig(**options, **mirror)).eval()
+    plain = GuidedFlowModel.from_config(ModelConfig(**options)).eval()
+    plain.load_state_dict(chosen.state_dict())
+    square = image[..., :64, :64]
+    with torch.no_grad():
+        out = chosen(square, square.flip(-1))
+        without = plain(square, square.flip(-1))
+    xs = torch.arange(4.0)
+    mirror_flow = torch.stack((3 - 2 * xs.expand(4, 4), torch.zeros(4, 4)))
+    assert (out.guidance_weight > 0).all()
+    assert torch.allclose(out.sparse_guidance[0], mirror_flow, atol=1e-5)
+    assert not torch.allclose(without.sparse_guidance[0], mirror_flow, atol=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -263,3 +264,38 @@ def test_the_background_is_outside_the_source_keypoints_box_grown_by_one_cell():
     expected = torch.ones(6, 6, dtype=torch.bool)
     expected[1:4, 1:5] = False
     assert torch.equal(background[0, 0], expected)
+
+
+def test_the_confident_set_benchmark_scores_the_set_that_enters_the_guidance() -> None:
+    """A 2 x 3 grid, one keypoint at source cell (0, 0) whose truth is target cell (2, 1). Q > rho
+    holds its right match, a wrong one, and a match of background cell (2, 1); the set entering
+    G (the cycle test applied) keeps the right match alone."""
+    confident_set = load_benchmark("confident_set")
+    confidence = torch.zeros(1, 6, 2, 3)
+    confidence[0, 5, 0, 0] = 1.0  # source (0, 0) -> target (2, 1): right
+    confidence[0, 0, 0, 0] = 0.95  # source (0, 0) -> target (0, 0): wrong
+    confidence[0, 0, 1, 2] = 1.0  # source (2, 1), outside the keypoint's box grown by one cell
+    guided = confidence.clone()
+    guided[0, 0] = 0.0
+
+    class Fixed:
+        grid, rho = (2, 3), 0.9
+
+        def __call__(self, *images, refine: bool = True) -> SimpleNamespace:
+            return SimpleNamespace(
+                confidence=confidence, refined_confidence=confidence, guided_confidence=guided
+            )
+
+    batch = {
+        "source_image": torch.zeros(1, 3, 32, 48),
+        "target_image": torch.zeros(1, 3, 32, 48),
+        "source_kps": torch.tensor([[[7.5, 7.5]]]),
+        "target_kps": torch.tensor([[[39.5, 23.5]]]),
+        "kps_valid": torch.tensor([[True]]),
+        "category": ["duck"],
+    }
+    result = confident_set.compare(Fixed(), [batch], confident_set.keypoint_truth, True)["duck"]
+    assert (result["untrained"], result["matches"]) == (0.5, 2)
+    assert (result["guided"], result["guided_matches"], result["guided_density"]) == (1.0, 1, 1.0)
+    assert result["background_share"]["untrained"] == round(1 / 3, 4)
+    assert result["background_share"]["guided"] == 0.0

@@ -109,6 +109,16 @@ def test_variants_change_one_option_and_keep_the_baseline():
     assert not model.cycle_consistency
 
 
+def test_several_options_change_the_variant_together_against_their_switches_off():
+    paired = _paired()
+    model = GuidedFlowModel(None, grid=(4, 4), cycle_consistency=True)
+    options = [paired.parse_option("cycle_consistency"), paired.parse_option("voting=hough")]
+    baseline, variant = paired.compared_models(model, options)
+    assert not baseline.cycle_consistency and baseline.voting == "none"
+    assert variant.cycle_consistency and variant.voting == "hough"
+    assert model.cycle_consistency  # the model given is left as it was
+
+
 def test_the_finer_grid_keeps_the_variances_fraction_of_the_picture():
     paired = _paired()
     model = GuidedFlowModel.from_config(weight_free_config(input_size=320, c_m=4.0))

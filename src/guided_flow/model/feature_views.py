@@ -9,6 +9,11 @@ compares, not the networks.
 ``feature_views`` names the views: ``"none"`` (the picture alone), ``"flip"`` (and its mirror
 image), ``"scale"`` (and the picture at :data:`VIEW_SCALE` times its size) or ``"flip_scale"``
 (all four).
+
+:func:`mirror_choice` is the other use of a mirror image (the flip-consistency choice of
+training-free matching): match the source against the target and against its mirror image, and
+keep whichever the features score higher, so that an object facing the other way is matched
+part to part.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from guided_flow.model.backbone import STRIDE, FeatureExtractor
+from guided_flow.model.volumes import correlation
 
 FEATURE_VIEWS = ("none", "flip", "scale", "flip_scale")
 # The second scale: finer than the picture's own, so the view adds detail the stride-16 grid
@@ -48,3 +54,19 @@ def _shrink(features: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     adaptive average pool would shift cells by up to a sixth of a cell)."""
     resized = F.interpolate(features, size=grid, mode="bilinear", antialias=True)
     return F.normalize(resized, p=2.0, dim=1, eps=1e-6)
+
+
+def mirror_choice(
+    source_features: torch.Tensor, target_features: torch.Tensor, mirrored_features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flip-consistency choice (a proposed formulation): per pair, the target's features or
+    those of its mirror image mirrored back (``mirrored_features``, so both lie on the target's
+    own grid and every flow still points into the target), whichever gives the higher mean over
+    source cells of the best correlation. All ``B x D x h x w``; returns the chosen features and
+    ``B`` bools, True where the mirror image was chosen."""
+    scores = [
+        correlation(source_features, target).flatten(2).amax(dim=1).mean(dim=1)
+        for target in (target_features, mirrored_features)
+    ]
+    mirrored = scores[1] > scores[0]
+    return torch.where(mirrored[:, None, None, None], mirrored_features, target_features), mirrored

@@ -12,77 +12,13 @@ from torch import nn
 from guided_flow.errors import ConfigError
 from guided_flow.model import volumes
 from guided_flow.model.backbone import FeatureExtractor
-from guided_flow.model.feature_views import FEATURE_VIEWS, view_features
+from guided_flow.model.feature_views import mirror_choice, view_features
 from guided_flow.model.flow_output import FlowOutput
 from guided_flow.model.local_cost import local_correlation
 from guided_flow.model.networks import MatchingNet, PruningNet
+from guided_flow.model.options import check_hyper_parameters, check_network_options
 from guided_flow.model.subcell import subcell_refinement
-
-GUIDANCE_MODELS = ("translation", "affine")
-# What the matching residual is added to: tau = G' + M(C') (section 8) or the proposed
-# tau = S + M(C'), S the soft-argmax of C under the Gaussian of C' (volumes.guided_soft_argmax).
-FLOW_BASES = ("guidance", "soft_argmax")
-# What the matching network reads: C' over absolute target cells (the paper's, section 8) or the
-# proposed local cost volume around the flow base (guided_flow.model.local_cost).
-MATCHING_INPUTS = ("global", "local")
-PRUNING_MASKS = ("sigmoid", "relative")
-MATCHING_HEADS = ("conv", "encoder_decoder")
-
-
-def check_hyper_parameters(
-    rho: float,
-    c_p: float,
-    c_m: float,
-    window_n: int,
-    guidance_model: str,
-    flow_base: str = "guidance",
-    soft_argmax_beta: float = 50.0,
-) -> None:
-    """Raise ConfigError naming the option and its allowed values."""
-    if not 0.0 < rho < 1.0:
-        raise ConfigError(f"rho={rho} is invalid: it must lie in the open interval (0, 1)")
-    for name, value in (("c_p", c_p), ("c_m", c_m)):
-        if not value > 0:
-            raise ConfigError(f"{name}={value} is invalid: it must be a positive variance")
-    if window_n < 1 or window_n % 2 == 0:
-        raise ConfigError(f"window_n={window_n} is invalid: it must be a positive odd integer")
-    if guidance_model not in GUIDANCE_MODELS:
-        raise ConfigError(
-            f"guidance_model={guidance_model!r} is invalid: choose one of {GUIDANCE_MODELS}"
-        )
-    if flow_base not in FLOW_BASES:
-        raise ConfigError(f"flow_base={flow_base!r} is invalid: choose one of {FLOW_BASES}")
-    if not soft_argmax_beta > 0:
-        raise ConfigError(
-            f"soft_argmax_beta={soft_argmax_beta} is invalid: it must be a positive sharpness"
-        )
-
-
-def check_network_options(
-    matching_input: str,
-    local_radius: int,
-    pruning_mask: str,
-    local_head: str = "conv",
-    feature_views: str = "none",
-) -> None:
-    """Raise ConfigError naming the network option outside its allowed values."""
-    if feature_views not in FEATURE_VIEWS:
-        raise ConfigError(
-            f"feature_views={feature_views!r} is invalid: choose one of {FEATURE_VIEWS}"
-        )
-    if local_head not in MATCHING_HEADS:
-        raise ConfigError(f"local_head={local_head!r} is invalid: choose one of {MATCHING_HEADS}")
-    if matching_input not in MATCHING_INPUTS:
-        raise ConfigError(
-            f"matching_input={matching_input!r} is invalid: choose one of {MATCHING_INPUTS}"
-        )
-    if local_radius < 1:
-        raise ConfigError(f"local_radius={local_radius} is invalid: it must be at least 1")
-    if pruning_mask not in PRUNING_MASKS:
-        raise ConfigError(
-            f"pruning_mask={pruning_mask!r} is invalid: choose one of {PRUNING_MASKS}"
-        )
-
+from guided_flow.model.voting import voted_volume
 
 # New options that change the flow: a checkpoint written before them loads with these values.
 PREDATED_OPTIONS = {"soft_argmax_refine": False}
@@ -113,7 +49,10 @@ class ModelConfig:
     (proposed, :mod:`~guided_flow.model.subcell`). ``feature_views``: features averaged over
     mirrored and rescaled views of each picture (proposed, :mod:`.feature_views`).
     ``cycle_consistency``: G keeps only the confident matches whose round trip comes back within
-    a cell (proposed, :func:`~guided_flow.model.volumes.round_trip_consistent`).
+    a cell (proposed, :func:`~guided_flow.model.volumes.round_trip_consistent`). ``voting``:
+    the geometric voting that rescores C for Q, the cycle test and G (proposed,
+    :mod:`.voting`). ``mirror_choice``: each pair is matched against the target or its mirror
+    image, whichever scores higher (proposed, :func:`.feature_views.mirror_choice`).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -140,6 +79,8 @@ class ModelConfig:
     soft_argmax_refine: bool = True
     feature_views: str = "none"
     cycle_consistency: bool = False
+    voting: str = "none"
+    mirror_choice: bool = False
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -160,6 +101,7 @@ class ModelConfig:
             self.pruning_mask,
             self.local_head,
             self.feature_views,
+            self.voting,
         )
 
     @classmethod
@@ -210,11 +152,16 @@ class GuidedFlowModel(nn.Module):
         soft_argmax_refine: bool = True,
         feature_views: str = "none",
         cycle_consistency: bool = False,
+        voting: str = "none",
+        mirror_choice: bool = False,
     ) -> None:
         super().__init__()
         check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model, flow_base, soft_argmax_beta)
-        check_network_options(matching_input, local_radius, pruning_mask, local_head, feature_views)
+        check_network_options(
+            matching_input, local_radius, pruning_mask, local_head, feature_views, voting
+        )
         self.feature_views, self.cycle_consistency = feature_views, cycle_consistency
+        self.voting, self.mirror_choice = voting, mirror_choice
         self.backbone = backbone
         self.grid = tuple(grid)
         self.rho, self.c_p, self.c_m = rho, c_p, c_m
@@ -276,6 +223,8 @@ class GuidedFlowModel(nn.Module):
             soft_argmax_refine=config.soft_argmax_refine,
             feature_views=config.feature_views,
             cycle_consistency=config.cycle_consistency,
+            voting=config.voting,
+            mirror_choice=config.mirror_choice,
         )
 
     @property
@@ -297,10 +246,16 @@ class GuidedFlowModel(nn.Module):
                 f"input size {tuple(source_image.shape[-2:])} does not match the model's "
                 f"{self.input_size} (grid {self.grid} x stride {self.backbone.stride})"
             )
-        # One backbone pass over both images keeps BatchNorm statistics and kernels shared.
-        images = torch.cat((source_image, target_image), dim=0)
-        features = view_features(self.backbone, images, self.feature_views)
-        source_features, target_features = features.chunk(2, dim=0)
+        # One backbone pass over all images keeps BatchNorm statistics and kernels shared.
+        images = [source_image, target_image]
+        if self.mirror_choice:
+            images.append(target_image.flip(-1))
+        features = view_features(self.backbone, torch.cat(images), self.feature_views)
+        source_features, target_features, *mirrored = features.chunk(len(images), dim=0)
+        if mirrored:
+            target_features, _ = mirror_choice(
+                source_features, target_features, mirrored[0].flip(-1)
+            )
         return self.forward_features(source_features, target_features, refine)
 
     def matching_net_input(
@@ -343,11 +298,12 @@ class GuidedFlowModel(nn.Module):
                 f"grid {self.grid}"
             )
         volume = volumes.correlation(source_features, target_features)
-        confidence = volumes.soft_mutual_confidence(volume)
+        voted = voted_volume(volume, self.voting)
+        confidence = volumes.soft_mutual_confidence(voted)
         refined = self.pruning_net.refine(confidence) if use_pruning_net else confidence
         kept = refined
         if self.cycle_consistency:
-            kept = refined * volumes.round_trip_consistent(volume)
+            kept = refined * volumes.round_trip_consistent(voted)
         sparse, weight = volumes.sparse_guidance(kept, self.rho)
         guidance = volumes.interpolate_guidance(
             sparse, weight, self.c_p, self.window_n, self.guidance_model
@@ -369,6 +325,7 @@ class GuidedFlowModel(nn.Module):
             correlation=volume,
             confidence=confidence,
             refined_confidence=refined,
+            guided_confidence=kept,
             source_features=source_features,
             target_features=target_features,
             rho=self.rho,

@@ -23,6 +23,8 @@ class FlowOutput:
     correlation: torch.Tensor  # C
     confidence: torch.Tensor  # Q
     refined_confidence: torch.Tensor  # Q'
+    # Q' where a match may enter G: zero where the cycle test drops it (Q' without the test)
+    guided_confidence: torch.Tensor
     source_features: torch.Tensor  # F^s, B x D x h x w
     target_features: torch.Tensor  # F^t, B x D x h x w
     rho: float
