@@ -35,9 +35,9 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 def stage_two() -> MatchingStage:
     """The untrained model and loss options of ``experiments/demo_stage2.yaml``."""
-    options = yaml.safe_load((EXPERIMENTS / "demo_stage2.yaml").read_text())["model"]["init_args"]
-    options.pop("init_checkpoint", None)
-    return MatchingStage(**options).eval()
+    from learning import model_options  # a sibling script: benchmarks/ is not a package
+
+    return MatchingStage(**model_options("demo_stage2.yaml")).eval()
 
 
 def validation_pairs(cache_dir: str) -> list[dict]:

@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         choices=tuple(PRESETS),
-        help="test-time options: 'default' (cycle-consistent guidance; the untrained method's "
-        "default) or 'fast' (0.2's default); default: a checkpoint's own",
+        help="test-time options: 'default' (guidance by neighbourhood consensus and cycle "
+        "consistency; the untrained method's default) or 'fast' (0.2's default); default: a "
+        "checkpoint's own",
     )
     parser.add_argument(
         "--device",
