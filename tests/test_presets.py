@@ -15,7 +15,7 @@ from guided_flow.model.flow_model import GuidedFlowModel, ModelConfig
 
 def test_the_default_preset_votes_and_checks_cycles_and_fast_is_the_previous_default():
     default = weight_free_config()
-    assert default.cycle_consistency is True and default.voting == "neighbourhood"
+    assert default.cycle_consistency is True and default.voting == "hough"
     fast = weight_free_config("fast")
     previous = ModelConfig(flow_base="soft_argmax", soft_argmax_beta=50.0)
     assert fast == previous
@@ -32,7 +32,7 @@ def test_an_unknown_preset_is_a_one_line_error():
 def test_a_preset_applies_to_a_model_built_otherwise():
     model = GuidedFlowModel(None, grid=(4, 4))
     assert apply_preset(model, "default") is model and model.cycle_consistency
-    assert model.voting == "neighbourhood"
+    assert model.voting == "hough"
     fast = apply_preset(model, "fast")
     assert not fast.cycle_consistency and fast.voting == "none"
 

@@ -163,10 +163,10 @@ WEIGHT_FREE_BETA = 50.0
 
 # Test-time presets: weight-free options that no weight depends on, so they apply to a
 # checkpoint's model too. "default" is the most accurate setting measured on held-out real pairs
-# (neighbourhood consensus and cycle consistency in the guidance, docs/decisions.md); "fast" is
+# (Hough voting and cycle consistency in the guidance, docs/decisions.md); "fast" is
 # 0.2's default, for users who need every millisecond.
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"cycle_consistency": True, "voting": "neighbourhood"},
+    "default": {"cycle_consistency": True, "voting": "hough"},
     "fast": {"cycle_consistency": False, "voting": "none"},
 }
 
