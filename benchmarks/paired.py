@@ -17,8 +17,8 @@ off and inside with it on; *lost*: the reverse), the difference of PCK, and a 95
 that difference from a paired bootstrap over pairs: the keypoints of one pair share its images,
 so they are resampled together. A difference whose interval holds 0 is not evidence either way.
 
-Runs are stored by ``--label`` in ``--out`` (other labels are kept); standard output is a
-markdown table.
+Runs are stored by ``--label`` in ``--out`` (other labels are kept), with the baseline's
+test-time options; standard output is a markdown table.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ SWITCHES = (
 # untrained default at two sizes (a finer grid), so it takes no checkpoint.
 VALUED_OPTIONS = {"feature_views": FEATURE_VIEWS, "voting": VOTING, "input_size": ("480", "640")}
 DEFAULT_OUT = "benchmarks/results/paired.json"
+# The baseline's test-time options, stored with each run (the untrained default changes).
+RECORDED_OPTIONS = ("cycle_consistency", "voting", "feature_views", "mirror_choice")
 
 
 def parse_option(text: str) -> tuple[str, object | None]:
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     stored["runs"][label] = {
         "checkpoint": args.ckpt or "untrained default",
         "option": described,
+        "baseline": {name: getattr(model, name) for name in RECORDED_OPTIONS},
         "draws": args.draws,
         "classes": result,
     }

@@ -73,6 +73,12 @@ def test_a_run_scores_both_settings_with_the_same_weights(tmp_path, monkeypatch)
     args += ["--option", "soft_argmax_refine", "--out", str(out), "--cache-dir", "cache"]
     assert paired.main([*args, "--label", "refine", "--draws", "100"]) == 0
     run = json.loads(out.read_text())["runs"]["refine"]
+    assert run["baseline"] == {
+        "cycle_consistency": False,
+        "voting": "none",
+        "feature_views": "none",
+        "mirror_choice": False,
+    }
     assert run["option"] == "soft_argmax_refine" and set(run["classes"]) == {
         "car(G)",
         "duck(S)",
