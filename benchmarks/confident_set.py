@@ -1,9 +1,10 @@
 """Does stage 1 do its job? Precision of the confident set, trained against untrained pruning
 network, at equal density (a benchmark, not a test).
 
-``python benchmarks/confident_set.py [--stage1 outputs/demo/stage1.ckpt | --weight-free]
+``python benchmarks/confident_set.py [--stage1 outputs/demo/stage1.ckpt | --weight-free [PRESET]]
 [--willow-root DIR] [--cache-dir DIR] [--out JSON] [--label NAME]`` (runs are stored by label in
-``--out``; ``--weight-free`` scores the untrained default of ``GuidedSemanticFlow()``)
+``--out``; ``--weight-free`` scores the untrained method of a preset, by default that of
+``GuidedSemanticFlow()``)
 
 The untrained pruning network keeps Q' = sigmoid(10) Q, so its confident set is {Q > rho}; a
 trained one reorders the matches. Comparing the two at rho would mix how many matches survive
@@ -25,7 +26,8 @@ uses: Q' > rho), with the trained set's density at rho beside it.
 Every run also scores the set that enters G (``guided``): Q' > rho less the matches the cycle
 test drops (``cycle_consistency``; the same set as Q' > rho without it), its precision at rho,
 its density and, on real pairs, its background share. With ``--weight-free`` this measures what
-the weight-free cycle test removes: ``untrained`` against ``guided``.
+the weight-free cycle test removes (``untrained`` against ``guided``), and, between the presets,
+what voting changes in Q > rho.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import yaml
 
 from data_modules.pf_willow import PFWillowDataModule
 from data_modules.synthetic import SyntheticPairsDataModule
-from guided_flow.api import weight_free_config
+from guided_flow.api import PRESETS, weight_free_config
 from guided_flow.io.atomic import write_json
 from guided_flow.model.flow_model import GuidedFlowModel
 from guided_flow.model.geometry import cell_positions
@@ -206,12 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="demo_stage1", help="the run's name in --out")
     parser.add_argument(
         "--weight-free",
-        action="store_true",
-        help="score the untrained default of GuidedSemanticFlow() instead of --stage1",
+        nargs="?",
+        const="default",
+        choices=tuple(PRESETS),
+        help="score the untrained method of this preset (default: 'default') instead of --stage1",
     )
     args = parser.parse_args(argv)
     if args.weight_free:
-        model = GuidedFlowModel.from_config(weight_free_config()).eval()
+        model = GuidedFlowModel.from_config(weight_free_config(args.weight_free)).eval()
     else:
         model = PruningStage.load_from_checkpoint(args.stage1, map_location="cpu").model.eval()
     data = yaml.safe_load((EXPERIMENTS / "demo.yaml").read_text())["data"]["init_args"]
