@@ -1,12 +1,14 @@
 """Does a switch of one checkpoint change its real-pair figures beyond noise? (a benchmark, not a
 test)
 
-``python benchmarks/paired.py [--ckpt CKPT] --willow-root DIR --option NAME[=VALUE] [--option
-...] [--alphas A ...] [--draws N] [--cache-dir DIR] [--label NAME] [--out JSON]``
+``python benchmarks/paired.py [--ckpt CKPT | --baseline-preset PRESET] --willow-root DIR --option
+NAME[=VALUE] [--option ...] [--alphas A ...] [--draws N] [--cache-dir DIR] [--label NAME]
+[--out JSON]``
 
 Scores every keypoint of a PF-WILLOW layout twice with the same weights: the model of the
-checkpoint (without ``--ckpt``: the untrained weight-free default of ``GuidedSemanticFlow()``)
-with a test-time option as the baseline and as the variant. ``--option NAME`` switches a boolean
+checkpoint (without ``--ckpt``: the untrained weight-free default of ``GuidedSemanticFlow()``, or
+the untrained method of ``--baseline-preset``) with a test-time option as the baseline and as the
+variant. ``--option NAME`` switches a boolean
 option off (baseline) and on (:data:`SWITCHES`); ``--option NAME=VALUE`` compares the model's own
 value with VALUE (e.g. ``feature_views=flip``, ``voting=hough``; ``input_size=480``, untrained
 only and alone: the same method on a finer grid). Several ``--option`` change the variant
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 from data_modules.pf_willow import PFWillowDataModule
-from guided_flow.api import weight_free_config
+from guided_flow.api import PRESETS, weight_free_config
 from guided_flow.evaluation.keypoints import KeypointEvaluator
 from guided_flow.io.atomic import write_json
 from guided_flow.model.feature_views import FEATURE_VIEWS
@@ -207,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--option", required=True, type=parse_option, action="append", help="NAME or NAME=VALUE"
     )
+    parser.add_argument(
+        "--baseline-preset",
+        choices=tuple(PRESETS),
+        help="the untrained method of this preset as the baseline (default: 'default')",
+    )
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.15])
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap resamplings")
     parser.add_argument("--cache-dir", default="outputs/cache")
@@ -216,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [option for option, _ in args.option]
     if "input_size" in names and (args.ckpt or len(names) > 1):
         raise SystemExit("--option input_size compares the untrained default: give it alone")
+    if args.ckpt and args.baseline_preset:
+        raise SystemExit("--baseline-preset sets up the untrained method: leave out --ckpt")
     if args.ckpt:
         model = MatchingStage.load_from_checkpoint(args.ckpt, map_location="cpu").model
     else:
-        model = GuidedFlowModel.from_config(weight_free_config())
+        model = GuidedFlowModel.from_config(weight_free_config(args.baseline_preset or "default"))
     model, variant = compared_models(model, args.option)
 
     def willow(model: GuidedFlowModel) -> PFWillowDataModule:

@@ -13,15 +13,15 @@ from guided_flow.errors import ConfigError
 from guided_flow.model.flow_model import GuidedFlowModel, ModelConfig
 
 
-def test_the_default_preset_votes_and_checks_cycles_and_fast_is_the_previous_default():
+def test_the_default_preset_votes_and_fast_is_the_previous_default():
     default = weight_free_config()
-    assert default.cycle_consistency is True and default.voting == "hough"
+    assert default.voting == "hough" and default.cycle_consistency is False
     fast = weight_free_config("fast")
     previous = ModelConfig(flow_base="soft_argmax", soft_argmax_beta=50.0)
     assert fast == previous
     assert set(PRESETS) == {"default", "fast"}
     # options given by name win over the preset's
-    assert weight_free_config("default", cycle_consistency=False, voting="none") == previous
+    assert weight_free_config("default", voting="none") == previous
 
 
 def test_an_unknown_preset_is_a_one_line_error():
@@ -31,8 +31,9 @@ def test_an_unknown_preset_is_a_one_line_error():
 
 def test_a_preset_applies_to_a_model_built_otherwise():
     model = GuidedFlowModel(None, grid=(4, 4))
-    assert apply_preset(model, "default") is model and model.cycle_consistency
-    assert model.voting == "hough"
+    model.cycle_consistency = True
+    assert apply_preset(model, "default") is model and model.voting == "hough"
+    assert not model.cycle_consistency
     fast = apply_preset(model, "fast")
     assert not fast.cycle_consistency and fast.voting == "none"
 

@@ -81,9 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         choices=tuple(PRESETS),
-        help="test-time options: 'default' (guidance by Hough voting and cycle "
-        "consistency; the untrained method's default) or 'fast' (0.2's default); default: a "
-        "checkpoint's own",
+        help="test-time options: 'default' (guidance chosen by Hough voting; the untrained "
+        "method's default) or 'fast' (0.2's default); default: a checkpoint's own",
     )
     parser.add_argument(
         "--device",
