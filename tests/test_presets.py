@@ -44,9 +44,9 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_match_takes_the_default_preset_unless_told_otherwise(capsys):
     untrained = load_matcher(_args("--input-size", "64"))
-    assert untrained.model.cycle_consistency and untrained.model.input_size == (64, 64)
+    assert untrained.model.voting == "hough" and untrained.model.input_size == (64, 64)
     fast = load_matcher(_args("--input-size", "64", "--preset", "fast"))
-    assert not fast.model.cycle_consistency
+    assert fast.model.voting == "none"
     with pytest.raises(SystemExit):
         _args("--preset", "slow")
     assert "invalid choice: 'slow'" in capsys.readouterr().err
