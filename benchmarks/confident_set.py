@@ -1,8 +1,8 @@
 """Does stage 1 do its job? Precision of the confident set, trained against untrained pruning
 network, at equal density (a benchmark, not a test).
 
-``python benchmarks/confident_set.py [--stage1 outputs/demo/stage1.ckpt | --weight-free [PRESET]]
-[--willow-root DIR] [--cache-dir DIR] [--out JSON] [--label NAME]`` (runs are stored by label in
+``python benchmarks/confident_set.py [--stage1 outputs/demo/stage1.ckpt | --weight-free [PRESET]
+[--cycle-consistency]] [--willow-root DIR] [--cache-dir DIR] [--out JSON] [--label NAME]`` (runs are stored by label in
 ``--out``; ``--weight-free`` scores the untrained method of a preset, by default that of
 ``GuidedSemanticFlow()``)
 
@@ -213,9 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         choices=tuple(PRESETS),
         help="score the untrained method of this preset (default: 'default') instead of --stage1",
     )
+    parser.add_argument(
+        "--cycle-consistency",
+        action="store_true",
+        help="with --weight-free: turn the cycle test on (the set that enters G loses the matches "
+        "whose round trip goes further than a cell)",
+    )
     args = parser.parse_args(argv)
     if args.weight_free:
-        model = GuidedFlowModel.from_config(weight_free_config(args.weight_free)).eval()
+        config = weight_free_config(args.weight_free, cycle_consistency=args.cycle_consistency)
+        model = GuidedFlowModel.from_config(config).eval()
     else:
         model = PruningStage.load_from_checkpoint(args.stage1, map_location="cpu").model.eval()
     data = yaml.safe_load((EXPERIMENTS / "demo.yaml").read_text())["data"]["init_args"]
