@@ -2,9 +2,9 @@
 network, at equal density (a benchmark, not a test).
 
 ``python benchmarks/confident_set.py [--stage1 outputs/demo/stage1.ckpt | --weight-free [PRESET]
-[--cycle-consistency]] [--willow-root DIR] [--cache-dir DIR] [--out JSON] [--label NAME]`` (runs are stored by label in
-``--out``; ``--weight-free`` scores the untrained method of a preset, by default that of
-``GuidedSemanticFlow()``)
+[--cycle-consistency]] [--willow-root DIR] [--cache-dir DIR] [--out JSON] [--label NAME]``
+(runs are stored by label in ``--out``; ``--weight-free`` scores the untrained method of a
+preset, by default that of ``GuidedSemanticFlow()``, with the cycle test if asked)
 
 The untrained pruning network keeps Q' = sigmoid(10) Q, so its confident set is {Q > rho}; a
 trained one reorders the matches. Comparing the two at rho would mix how many matches survive
