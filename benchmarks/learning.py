@@ -47,6 +47,7 @@ from guided_flow.evaluation.metrics import DenseFlowMetric
 from guided_flow.io.atomic import atomic_open
 from guided_flow.model.flow_model import FlowOutput
 from guided_flow.model.geometry import cell_positions
+from guided_flow.training.options import upgrade_stage_options
 from guided_flow.training.stages import GuidedFlowStage, MatchingStage, PruningStage
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -60,10 +61,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def model_options(config: str) -> dict:
-    """``model.init_args`` of an experiment config, without the checkpoint it starts from."""
+def model_options(config: str, overrides: Mapping[str, object] | None = None) -> dict:
+    """``model.init_args`` of an experiment config, without the checkpoint it starts from, with
+    ``overrides`` (options by their own names, e.g. ``lr``) put into their groups over the
+    config's values."""
     options = yaml.safe_load((EXPERIMENTS / config).read_text())["model"]["init_args"]
     options.pop("init_checkpoint", None)
+    for group, values in upgrade_stage_options(overrides or {}).items():
+        options[group] = {**options.get(group, {}), **values}
     return options
 
 
@@ -278,12 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         stage_name, _, option = key.partition(".")
         overrides[stage_name][option] = yaml.safe_load(value)
     untrained = MatchingStage.from_options(**model_options("demo_stage2.yaml")).eval()
-    stage1 = PruningStage.from_options(**{**model_options("demo.yaml"), **overrides["stage1"]})
+    stage1 = PruningStage.from_options(**model_options("demo.yaml", overrides["stage1"]))
     result: dict = {"stage1": train(stage1, batches(datamodule, "train"), held_out,
                                     args.stage1_steps, args.eval_every)}  # fmt: skip
-    stage2 = MatchingStage.from_options(
-        **{**model_options("demo_stage2.yaml"), **overrides["stage2"]}
-    )
+    stage2 = MatchingStage.from_options(**model_options("demo_stage2.yaml", overrides["stage2"]))
     stage2.load_state_dict(stage1.state_dict())
     result["stage2"] = train(
         stage2, batches(datamodule, "train"), held_out, args.stage2_steps, args.eval_every

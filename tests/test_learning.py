@@ -18,6 +18,7 @@ from data_modules.warps import sample_warp_params, synthesize_pairs
 from guided_flow.io.images import normalise, resize_image
 from guided_flow.model.volumes import argmax_flow
 from guided_flow.training.stages import MatchingStage, PruningStage
+from tests.helpers import load_benchmark
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 PRUNING_OPTIONS = (
@@ -151,3 +152,14 @@ def test_stage2_objective_points_at_the_truth(
         objective(flow).backward()
         optimizer.step()
     assert error(flow.detach()) < 0.95 * error(out.guidance)
+
+
+def test_benchmark_overrides_win_over_the_config_s_grouped_options() -> None:
+    """``--set stage2.lr=1e-4`` must reach the optimiser although the config groups its own lr:
+    options given by name go into their group, over the config's value."""
+    learning = load_benchmark("learning")
+    plain = learning.model_options("demo_stage2.yaml")
+    options = learning.model_options("demo_stage2.yaml", {"lr": 1e-4, "voting": "none"})
+    assert options["optim"]["lr"] == 1e-4 != plain["optim"]["lr"]
+    assert options["model"]["voting"] == "none" and plain["model"]["voting"] == "hough"
+    assert options["loss"] == plain["loss"]
