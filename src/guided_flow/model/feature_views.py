@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from guided_flow.model.backbone import STRIDE, FeatureExtractor
+from guided_flow.model.backbone import FeatureExtractor
 from guided_flow.model.volumes import correlation
 
 FEATURE_VIEWS = ("none", "flip", "scale", "flip_scale")
@@ -31,8 +31,8 @@ VIEW_SCALE = 1.5
 
 
 def view_features(backbone: FeatureExtractor, images: torch.Tensor, views: str) -> torch.Tensor:
-    """Features of ``images`` (``B x 3 x H x W``, sides multiples of 16) averaged over
-    ``views`` (:data:`FEATURE_VIEWS`): ``B x D x H/16 x W/16``, unit L2 norm per cell."""
+    """Features of ``images`` (``B x 3 x H x W``, sides multiples of the stride s) averaged over
+    ``views`` (:data:`FEATURE_VIEWS`): ``B x D x H/s x W/s``, unit L2 norm per cell."""
     features = backbone(images)
     if views == "none":
         return features
@@ -41,7 +41,8 @@ def view_features(backbone: FeatureExtractor, images: torch.Tensor, views: str) 
     if views in ("flip", "flip_scale"):
         total += backbone(images.flip(-1)).flip(-1)
     if views in ("scale", "flip_scale"):
-        size = [round(side * VIEW_SCALE / STRIDE) * STRIDE for side in images.shape[-2:]]
+        stride = backbone.stride
+        size = [round(side * VIEW_SCALE / stride) * stride for side in images.shape[-2:]]
         scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         total += _shrink(backbone(scaled), grid)
         if views == "flip_scale":

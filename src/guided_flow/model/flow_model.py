@@ -11,7 +11,7 @@ from torch import nn
 
 from guided_flow.errors import ConfigError
 from guided_flow.model import volumes
-from guided_flow.model.backbone import FeatureExtractor
+from guided_flow.model.backbone import STRIDE, FeatureExtractor
 from guided_flow.model.feature_views import mirror_choice, view_features
 from guided_flow.model.flow_output import FlowOutput
 from guided_flow.model.local_cost import local_correlation
@@ -31,7 +31,9 @@ class ModelConfig:
     ``backbone``, ``weights``, ``feature_layers`` and ``trainable_blocks`` build the feature
     extractor (:class:`~guided_flow.model.backbone.FeatureExtractor`; ``feature_layers=None``: the
     backbone's default layers, ``trainable_blocks=None``: the training stage's default);
-    ``input_size`` is the square network input in pixels, a multiple of the stride (16). The rest
+    ``input_size`` is the square network input in pixels, a multiple of ``feature_stride``, the
+    feature grid's stride (16, the paper's; 8 is proposed, a hypercolumn with the backbone's last
+    stride-8 block, :class:`~guided_flow.model.backbone.FeatureExtractor`). The rest
     are METHOD.md's: rho (section 4), c_P and N (section 5), c_M (section 7), the guidance model
     and the flow base (section 8 and the proposed soft-argmax base, with its sharpness beta).
     ``use_pruning_net`` and ``use_matching_net`` are ablation switches: off, Q' = Q and tau = the
@@ -60,6 +62,7 @@ class ModelConfig:
     feature_layers: list[int] | None = None
     trainable_blocks: int | None = None
     input_size: int = 320
+    feature_stride: int = 16
     rho: float = 0.9
     c_p: float = 5.0
     c_m: float = 5.0
@@ -193,7 +196,11 @@ class GuidedFlowModel(nn.Module):
         if config.trainable_blocks is not None:
             trainable_blocks = config.trainable_blocks
         extractor = FeatureExtractor(
-            config.backbone, config.weights, trainable_blocks, config.feature_layers
+            config.backbone,
+            config.weights,
+            trainable_blocks,
+            config.feature_layers,
+            config.feature_stride,
         )
         if config.input_size % extractor.stride:
             raise ConfigError(
@@ -230,7 +237,7 @@ class GuidedFlowModel(nn.Module):
     @property
     def input_size(self) -> tuple[int, int]:
         """(H, W) in pixels that gives the model's grid."""
-        stride = self.backbone.stride if self.backbone is not None else 16
+        stride = self.backbone.stride if self.backbone is not None else STRIDE
         return self.grid[0] * stride, self.grid[1] * stride
 
     def forward(
