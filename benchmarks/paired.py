@@ -10,8 +10,10 @@ checkpoint (without ``--ckpt``: the untrained weight-free default of ``GuidedSem
 the untrained method of ``--baseline-preset``) with a test-time option as the baseline and as the
 variant. ``--option NAME`` switches a boolean
 option off (baseline) and on (:data:`SWITCHES`); ``--option NAME=VALUE`` compares the model's own
-value with VALUE (e.g. ``feature_views=flip``, ``voting=hough``; ``input_size=480``, untrained
-only and alone: the same method on a finer grid). Several ``--option`` change the variant
+value with VALUE (e.g. ``feature_views=flip``, ``voting=hough``; ``input_size=640`` or
+``feature_stride=8``, untrained only and alone: the same method on a finer grid, from a bigger
+picture or from a hypercolumn at stride 8; ``aspect=letterbox``: the same model matching each
+picture at its own aspect ratio, :mod:`letterbox`). Several ``--option`` change the variant
 together (a combination against the baseline, every switch among them off). Each model runs its
 own forward pass. Per class and alpha it
 reports the keypoints that cross the bound each way (*gained*: outside the bound with the option
@@ -28,18 +30,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import letterbox
 import torch
 
 from data_modules.pf_willow import PFWillowDataModule
 from guided_flow.api import PRESETS, weight_free_config
+from guided_flow.cli.main import TEST_TIME_OPTIONS
 from guided_flow.evaluation.keypoints import KeypointEvaluator
 from guided_flow.io.atomic import write_json
 from guided_flow.model.feature_views import FEATURE_VIEWS
 from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.geometry import flow_cells_to_pixels
 from guided_flow.model.voting import VOTING
 from guided_flow.training.stages import MatchingStage
 
@@ -47,9 +53,14 @@ SWITCHES = (
     "soft_argmax_refine", "use_matching_net", "use_pruning_net", "cycle_consistency",
     "mirror_choice",
 )  # fmt: skip
-# Test-time options that take a value: name -> allowed values. ``input_size`` compares the
-# untrained default at two sizes (a finer grid), so it takes no checkpoint.
-VALUED_OPTIONS = {"feature_views": FEATURE_VIEWS, "voting": VOTING, "input_size": ("480", "640")}
+# Test-time options that take a value: name -> allowed values. The grid options compare the
+# untrained method on two grids, so they take no checkpoint.
+GRID_OPTIONS = {"input_size": ("480", "640"), "feature_stride": ("8",)}
+# How the pictures reach the model: squeezed into the square (the loaders'), or letterboxed.
+ASPECTS = ("squeeze", "letterbox")
+VALUED_OPTIONS = {
+    "feature_views": FEATURE_VIEWS, "voting": VOTING, "aspect": ASPECTS[1:], **GRID_OPTIONS
+}  # fmt: skip
 DEFAULT_OUT = "benchmarks/results/paired.json"
 # The baseline's test-time options, stored with each run (the untrained default changes).
 RECORDED_OPTIONS = ("cycle_consistency", "voting", "feature_views", "mirror_choice")
@@ -104,18 +115,30 @@ def paired_summary(
     }
 
 
+# A batch of pairs -> their flow in cells of the input grid (``B x 2 x h x w``).
+FlowOf = Callable[[Mapping], torch.Tensor]
+
+
+def flow_function(model: GuidedFlowModel, aspect: str = "squeeze") -> FlowOf:
+    """``model``'s flow of a batch: of its square inputs as every loader gives them
+    (``"squeeze"``), or of the pictures' letterboxes (``"letterbox"``,
+    :func:`letterbox.letterboxed_flow`)."""
+    model = model.eval()
+    if aspect == "letterbox":
+        return lambda batch: letterbox.letterboxed_flow(model, batch)
+    return lambda batch: model(batch["source_image"], batch["target_image"]).flow
+
+
 @torch.no_grad()
-def model_errors(model: GuidedFlowModel, datamodule: PFWillowDataModule) -> dict[str, torch.Tensor]:
-    """Errors of every valid keypoint of ``datamodule``'s test pairs under ``model``, as
+def model_errors(flow_of: FlowOf, datamodule: PFWillowDataModule) -> dict[str, torch.Tensor]:
+    """Errors of every valid keypoint of ``datamodule``'s test pairs under ``flow_of``, as
     fractions of its pair's bound (``error``), beside its ``pair`` and ``category`` index (all
     ``K``, in the loader's order)."""
-    model = model.eval()
     evaluator = KeypointEvaluator(pck_bound=datamodule.pck_bound, alphas=datamodule.alphas)
     columns: dict[str, list[torch.Tensor]] = {"error": [], "pair": [], "category": []}
     for batch in datamodule.test_dataloader():
         valid, size = batch["kps_valid"], tuple(batch["source_image"].shape[-2:])
-        out = model(batch["source_image"], batch["target_image"])
-        kps = evaluator.transfer(batch, out.flow_pixels(size))
+        kps = evaluator.transfer(batch, flow_cells_to_pixels(flow_of(batch), size))
         error = (kps["pred_kps"] - kps["trg_kps"]).norm(dim=-1) / kps["bound"][:, None]
         columns["error"].append(error[valid])
         columns["pair"].append(batch["index"][:, None].expand_as(valid)[valid])
@@ -124,10 +147,9 @@ def model_errors(model: GuidedFlowModel, datamodule: PFWillowDataModule) -> dict
 
 
 def keypoint_errors(
-    baseline: tuple[GuidedFlowModel, PFWillowDataModule],
-    variant: tuple[GuidedFlowModel, PFWillowDataModule],
+    baseline: tuple[FlowOf, PFWillowDataModule], variant: tuple[FlowOf, PFWillowDataModule]
 ) -> dict[str, torch.Tensor]:
-    """The ``baseline`` and ``variant`` errors of :func:`model_errors` (each a model and its
+    """The ``baseline`` and ``variant`` errors of :func:`model_errors` (each a flow and its
     data at the model's input size) on the same keypoints, with their ``pair`` and
     ``category``."""
     first, second = model_errors(*baseline), model_errors(*variant)
@@ -137,15 +159,30 @@ def keypoint_errors(
     return {"baseline": first["error"], "variant": second["error"], **index}
 
 
+def finer_grid_model(model: GuidedFlowModel, option: str, value: int) -> GuidedFlowModel:
+    """The untrained method with ``model``'s test-time options on the grid that ``option``
+    (``input_size`` or ``feature_stride``) at ``value`` gives. Whatever is measured in cells is
+    scaled with the grid, so that it covers the same fraction of the picture: the variances c_P
+    and c_M (squared cells) by the squared ratio, the window N to the smallest odd width that
+    spans its old width times the ratio."""
+    assert model.backbone is not None
+    options = {name: getattr(model, name) for name in TEST_TIME_OPTIONS}
+    options |= {"input_size": model.input_size[0], "feature_stride": model.backbone.stride}
+    options[option] = value
+    ratio = (options["input_size"] / options["feature_stride"]) / model.grid[0]
+    options["c_p"], options["c_m"] = model.c_p * ratio**2, model.c_m * ratio**2
+    options["window_n"] = 2 * math.ceil((model.window_n * ratio - 1) / 2) + 1
+    return GuidedFlowModel.from_config(weight_free_config(**options))
+
+
 def variant_model(model: GuidedFlowModel, option: str, value: object | None) -> GuidedFlowModel:
-    """``model`` with a test-time ``option`` on (a switch, ``value`` None) or at ``value``;
-    ``input_size`` builds the untrained default at that size, its variances c_P and c_M (in
-    squared cells) scaled with the grid so that they cover the same fraction of the picture."""
-    if option == "input_size":
-        size = int(str(value))
-        scale = (size / model.input_size[0]) ** 2
-        config = weight_free_config(input_size=size, c_p=model.c_p * scale, c_m=model.c_m * scale)
-        return GuidedFlowModel.from_config(config)
+    """``model`` with a test-time ``option`` on (a switch, ``value`` None) or at ``value``; a
+    grid option (:data:`GRID_OPTIONS`) builds the untrained method on that grid
+    (:func:`finer_grid_model`)."""
+    if option in GRID_OPTIONS:
+        return finer_grid_model(model, option, int(str(value)))
+    if option == "aspect":  # not the model's: the flow function's (:func:`flow_function`)
+        return model
     variant = copy.deepcopy(model)
     setattr(variant, option, True if value is None else value)
     return variant
@@ -221,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     names = [option for option, _ in args.option]
-    if "input_size" in names and (args.ckpt or len(names) > 1):
-        raise SystemExit("--option input_size compares the untrained default: give it alone")
+    if set(names) & set(GRID_OPTIONS) and (args.ckpt or len(names) > 1):
+        raise SystemExit(f"--option {names[0]} compares the untrained method: give it alone")
     if args.ckpt and args.baseline_preset:
         raise SystemExit("--baseline-preset sets up the untrained method: leave out --ckpt")
     if args.ckpt:
@@ -244,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         return datamodule
 
     datamodule = willow(model)
-    errors = keypoint_errors((model, datamodule), (variant, willow(variant)))
+    aspect = dict(args.option).get("aspect", "squeeze")
+    errors = keypoint_errors(
+        (flow_function(model), datamodule), (flow_function(variant, aspect), willow(variant))
+    )
     result = compare(errors, datamodule.categories, args.alphas, args.draws)
     described = "+".join(
         name if value is None else f"{name}={value}" for name, value in args.option

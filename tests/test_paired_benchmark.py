@@ -95,6 +95,12 @@ def test_a_run_scores_both_settings_with_the_same_weights(tmp_path, monkeypatch)
     # other labels are kept
     assert paired.main([*args, "--label", "again", "--draws", "10"]) == 0
     assert set(json.loads(out.read_text())["runs"]) == {"refine", "again"}
+    # the letterboxed variant is scored on the same keypoints
+    args[args.index("soft_argmax_refine")] = "aspect=letterbox"
+    assert paired.main([*args, "--label", "letterbox", "--draws", "10"]) == 0
+    run = json.loads(out.read_text())["runs"]["letterbox"]
+    assert run["option"] == "aspect=letterbox"
+    assert run["classes"]["all"]["pck@0.1"]["keypoints"] == 11
 
 
 def test_options_with_values_are_parsed_and_checked():
@@ -132,3 +138,13 @@ def test_the_finer_grid_keeps_the_variances_fraction_of_the_picture():
     assert finer.grid == (30, 30) and finer.input_size == (480, 480)
     assert finer.c_m == pytest.approx(4.0 * 2.25) and finer.c_p == pytest.approx(5.0 * 2.25)
     assert finer.flow_base == "soft_argmax"
+
+
+def test_the_stride_8_grid_keeps_the_baselines_test_time_options():
+    paired = _paired()
+    model = GuidedFlowModel.from_config(weight_free_config("fast", input_size=320, c_m=4.0))
+    finer = paired.variant_model(model, "feature_stride", "8")
+    assert finer.grid == (40, 40) and finer.input_size == (320, 320)
+    assert finer.backbone is not None and finer.backbone.stride == 8
+    assert finer.c_m == pytest.approx(16.0) and finer.window_n == 11
+    assert finer.voting == model.voting == "none"
