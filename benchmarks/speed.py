@@ -57,6 +57,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import yaml
 from skimage import data as skdata
 
 from guided_flow.api import weight_free_config
@@ -365,11 +366,12 @@ def _no_grad(predictor: FlowPredictor, source: torch.Tensor, target: torch.Tenso
 
 
 def parse_setting(text: str) -> dict[str, Any]:
-    """``NAME=VALUE[,NAME=VALUE...]`` -> model options (``true``/``false`` are booleans)."""
+    """``NAME=VALUE[,NAME=VALUE...]`` -> model options, each value read as YAML (``true`` and
+    ``false`` are booleans, ``8`` and ``20.0`` numbers)."""
     options: dict[str, Any] = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        options[name] = {"true": True, "false": False}.get(value.lower(), value)
+        options[name] = yaml.safe_load(value)
     return options
 
 

@@ -11,5 +11,6 @@ def test_a_setting_is_options_joined_by_commas_with_booleans_parsed():
     options = speed.parse_setting("cycle_consistency=True,feature_views=scale")
     assert options == {"cycle_consistency": True, "feature_views": "scale"}
     assert speed.parse_setting("cycle_consistency=false") == {"cycle_consistency": False}
+    assert speed.parse_setting("feature_stride=8,c_p=20.0") == {"feature_stride": 8, "c_p": 20.0}
     config = weight_free_config("fast", **options)
     assert config.cycle_consistency and config.feature_views == "scale"
