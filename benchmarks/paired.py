@@ -51,7 +51,7 @@ from guided_flow.training.stages import MatchingStage
 
 SWITCHES = (
     "soft_argmax_refine", "use_matching_net", "use_pruning_net", "cycle_consistency",
-    "mirror_choice",
+    "mirror_choice", "adaptive_window",
 )  # fmt: skip
 # Test-time options that take a value: name -> allowed values. The grid options compare the
 # untrained method on two grids, so they take no checkpoint.
@@ -63,7 +63,9 @@ VALUED_OPTIONS = {
 }  # fmt: skip
 DEFAULT_OUT = "benchmarks/results/paired.json"
 # The baseline's test-time options, stored with each run (the untrained default changes).
-RECORDED_OPTIONS = ("cycle_consistency", "voting", "feature_views", "mirror_choice")
+RECORDED_OPTIONS = (
+    "cycle_consistency", "voting", "feature_views", "mirror_choice", "adaptive_window"
+)  # fmt: skip
 
 
 def parse_option(text: str) -> tuple[str, object | None]:

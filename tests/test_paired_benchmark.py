@@ -78,6 +78,7 @@ def test_a_run_scores_both_settings_with_the_same_weights(tmp_path, monkeypatch)
         "voting": "none",
         "feature_views": "none",
         "mirror_choice": False,
+        "adaptive_window": False,
     }
     assert run["option"] == "soft_argmax_refine" and set(run["classes"]) == {
         "car(G)",

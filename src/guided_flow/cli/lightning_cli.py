@@ -47,7 +47,7 @@ from guided_flow.training.stages import GuidedFlowStage
 TEST_TIME_OPTIONS = (
     "rho", "c_p", "c_m", "window_n", "guidance_model", "flow_base", "soft_argmax_beta",
     "soft_argmax_refine", "feature_views", "cycle_consistency", "voting", "mirror_choice",
-    "use_pruning_net", "use_matching_net",
+    "adaptive_window", "use_pruning_net", "use_matching_net",
 )  # fmt: skip
 # Output options that ``--run_dir`` rebases (dotted paths in a subcommand's config), besides the
 # loggers' ``save_dir`` and the callbacks' ``dirpath``.

@@ -55,6 +55,8 @@ class ModelConfig:
     the geometric voting that rescores C for Q, the cycle test and G (proposed,
     :mod:`.voting`). ``mirror_choice``: each pair is matched against the target or its mirror
     image, whichever scores higher (proposed, :func:`.feature_views.mirror_choice`).
+    ``adaptive_window``: S's Gaussian window widens where the confident matches around a cell
+    disagree, c_M + their spread about G' (proposed, :func:`.volumes.guidance_spread`).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -84,6 +86,7 @@ class ModelConfig:
     cycle_consistency: bool = False
     voting: str = "none"
     mirror_choice: bool = False
+    adaptive_window: bool = False
 
     def check(self) -> None:
         """Raise ConfigError naming the first option outside its range."""
@@ -157,6 +160,7 @@ class GuidedFlowModel(nn.Module):
         cycle_consistency: bool = False,
         voting: str = "none",
         mirror_choice: bool = False,
+        adaptive_window: bool = False,
     ) -> None:
         super().__init__()
         check_hyper_parameters(rho, c_p, c_m, window_n, guidance_model, flow_base, soft_argmax_beta)
@@ -165,6 +169,7 @@ class GuidedFlowModel(nn.Module):
         )
         self.feature_views, self.cycle_consistency = feature_views, cycle_consistency
         self.voting, self.mirror_choice = voting, mirror_choice
+        self.adaptive_window = adaptive_window
         self.backbone = backbone
         self.grid = tuple(grid)
         self.rho, self.c_p, self.c_m = rho, c_p, c_m
@@ -232,6 +237,7 @@ class GuidedFlowModel(nn.Module):
             cycle_consistency=config.cycle_consistency,
             voting=config.voting,
             mirror_choice=config.mirror_choice,
+            adaptive_window=config.adaptive_window,
         )
 
     @property
@@ -318,7 +324,12 @@ class GuidedFlowModel(nn.Module):
         flow = guidance
         if refine:
             if self.flow_base == "soft_argmax":
-                flow = volumes.guided_soft_argmax(volume, guidance, self.c_m, self.soft_argmax_beta)
+                window = self.c_m
+                if self.adaptive_window:
+                    window = self.c_m + volumes.guidance_spread(
+                        sparse, weight, guidance, self.c_p, self.window_n
+                    )
+                flow = volumes.guided_soft_argmax(volume, guidance, window, self.soft_argmax_beta)
                 if self.soft_argmax_refine:
                     flow = subcell_refinement(flow, source_features, target_features)
             if use_matching_net:

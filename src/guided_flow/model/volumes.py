@@ -117,6 +117,30 @@ def interpolate_guidance(
     return smoothed[:, :2] / (smoothed[:, 2:] + eps)
 
 
+def guidance_spread(
+    guidance: torch.Tensor,
+    weight: torch.Tensor,
+    dense: torch.Tensor,
+    c_p: float,
+    window: int,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """How far the confident matches around each cell disagree with its dense guidance (a
+    proposed formulation): s_i = sum_k w_ik ||G_k - G'_i||^2 / (sum_k w_ik + eps), with the
+    weights w_ik of :func:`interpolate_guidance`'s translation model. ``guidance`` G and
+    ``dense`` G' ``B x 2 x h x w``, ``weight`` v ``B x 1 x h x w``. Returns ``B x 1 x h x w``
+    squared cells (0 where no neighbour is valid)."""
+    kernel = gaussian_window(window, c_p, device=guidance.device, dtype=guidance.dtype)
+    squared = (guidance**2).sum(dim=1, keepdim=True)
+    stacked = torch.cat((guidance * weight, squared * weight, weight), dim=1)  # B x 4 x h x w
+    sums = F.conv2d(stacked, kernel.expand(4, 1, window, window), padding=window // 2, groups=4)
+    first, second, total = sums[:, :2], sums[:, 2:3], sums[:, 3:]
+    # sum_k w_ik ||G_k - G'_i||^2 expanded, so that one convolution gives all three sums
+    spread = second - 2 * (dense * first).sum(dim=1, keepdim=True)
+    spread = spread + (dense**2).sum(dim=1, keepdim=True) * total
+    return (spread / (total + eps)).clamp_min(0)
+
+
 def _affine_guidance(
     guidance: torch.Tensor, weight: torch.Tensor, c_p: float, window: int, eps: float
 ) -> torch.Tensor:
@@ -175,7 +199,7 @@ def argmax_flow(volume: torch.Tensor) -> torch.Tensor:
 
 
 def guided_soft_argmax(
-    volume: torch.Tensor, guidance: torch.Tensor, c_m: float, beta: float
+    volume: torch.Tensor, guidance: torch.Tensor, c_m: float | torch.Tensor, beta: float
 ) -> torch.Tensor:
     """S: the soft-argmax of C under a Gaussian prior around the guidance (proposed formulation).
 
@@ -184,7 +208,8 @@ def guided_soft_argmax(
     is sought near the guided position, at sub-cell precision, with no weights. (A softmax of C'
     itself would give every far cell, where C' is about 0, the weight of e^0 and pull S towards
     the grid's centre.) ``volume``: C ``B x (h*w) x h x w``; ``guidance``: G' ``B x 2 x h x w``;
-    returns the displacement ``B x 2 x h x w`` (cells).
+    ``c_m``: one variance, or one per source cell (``B x 1 x h x w``); returns the displacement
+    ``B x 2 x h x w`` (cells).
     """
     b, hw, h, w = volume.shape
     positions = cell_positions(h, w, device=volume.device, dtype=volume.dtype)
