@@ -22,6 +22,8 @@ class BlockMeans(nn.Module):
     """A stand-in backbone: each 16 x 16 block's mean colour plus a constant channel, unit norm
     per cell. It commutes with mirroring and, on a linear ramp, with rescaling."""
 
+    stride = 16
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         means = F.avg_pool2d(images, 16)
         ones = torch.ones_like(means[:, :1])
