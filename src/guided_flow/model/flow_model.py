@@ -324,7 +324,7 @@ class GuidedFlowModel(nn.Module):
         flow = guidance
         if refine:
             if self.flow_base == "soft_argmax":
-                window = self.c_m
+                window: float | torch.Tensor = self.c_m
                 if self.adaptive_window:
                     window = self.c_m + volumes.guidance_spread(
                         sparse, weight, guidance, self.c_p, self.window_n
