@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from guided_flow.model.feature_views import view_features
 from guided_flow.model.flow_model import GuidedFlowModel
+from guided_flow.model.geometry import cell_positions
 
 
 def picture_share(sizes: torch.Tensor) -> torch.Tensor:
@@ -49,11 +50,11 @@ def letterbox(images: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
 
 
 def cell_centres(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """Normalised (x, y) centres of a ``grid = (h, w)`` of cells: ``h x w x 2``."""
+    """Normalised (x, y) centres of a ``grid = (h, w)`` of cells (``align_corners=False``):
+    ``h x w x 2``."""
     h, w = grid
-    ys = (2 * torch.arange(h, device=device) + 1) / h - 1
-    xs = (2 * torch.arange(w, device=device) + 1) / w - 1
-    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
+    positions = cell_positions(h, w, device=device)  # (h*w) x 2, raster order
+    return ((2 * positions + 1) / positions.new_tensor([w, h]) - 1).view(h, w, 2)
 
 
 def inside_picture(share: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
